@@ -1,0 +1,764 @@
+"""
+Data for PlanRec: MovieLens-1M and a synthetic world with known latent structure, turned into
+training batches and ranking-evaluation candidates under the paper's protocol (§3.1), plus the
+ranking metrics and the popularity baseline.
+
+Protocol (paper §3.1 "Evaluation Protocol" / "Implementation Details", DIN/NCF-style ranking):
+  - every rating is an implicit positive interaction;
+  - per user, interactions are sorted by timestamp (stable: ties keep file order);
+  - the last interaction is the test target, scored against 100 sampled items the user never
+    consumed; AUC, Recall@5/10, NDCG@5/10;
+  - the user feature is the last 50 clicked items (HISTORY_LEN), left-padded with item 0;
+  - the second-to-last interaction is a validation target. The paper has NO validation set; we
+    add one for model selection (our choice) so that the test target is never used to tune.
+
+Everything derived (sequences, splits, evaluation candidates, attributes) is cached in one .npz
+keyed by the content of the source files and the protocol settings.
+"""
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+HISTORY_LEN = 50  # paper: "the embeddings of the last 50 clicked items as the user feature"
+ML1M_URL = "https://files.grouplens.org/datasets/movielens/ml-1m.zip"
+ML1M_MD5 = "c4d9eecfca2ab87c1945afe126590906"
+ML1M_FILES = ("ratings.dat", "users.dat", "movies.dat")
+ML1M_COUNTS = {"ratings": 1_000_209, "users": 6_040, "movies": 3_706}  # movies = rated movies
+ML1M_AGE_CODES = (1, 18, 25, 35, 45, 50, 56)  # users.dat "Age" codes; we store the band index 0..6
+ML1M_AGE_BANDS = ("Under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
+GENDERS = ("F", "M")  # gender attribute: 0 = F, 1 = M
+MIN_INTERACTIONS = 3  # a user needs a training item, a validation target and a test target
+PROTOCOL_VERSION = 1  # bump whenever the derived arrays change meaning; invalidates every cache
+DATASETS = ("ml-1m", "synthetic", "synthetic-ood")
+
+# Tests replace this to simulate offline machines and corrupted downloads without the network.
+_urlopen = urllib.request.urlopen
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding and downloading MovieLens-1M
+
+def _contains_ml1m(folder):
+    return all((Path(folder) / name).is_file() for name in ML1M_FILES)
+
+
+def _ml1m_search_path(root):
+    folders = []
+    if root is not None:
+        root = Path(root).expanduser()
+        folders += [root, root / "ml-1m"]  # root may be the ml-1m folder or its parent
+    if os.environ.get("PLANREC_DATA"):
+        folders.append(Path(os.environ["PLANREC_DATA"]).expanduser() / "ml-1m")
+    folders.append(Path("data") / "ml-1m")
+    return folders
+
+
+def _download_target(root):
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get("PLANREC_DATA"):
+        return Path(os.environ["PLANREC_DATA"]).expanduser() / "ml-1m"
+    return Path("data") / "ml-1m"
+
+
+def _how_to_fix(problem, searched, target):
+    return (f"{problem}\n"
+            f"  searched: {', '.join(str(f) for f in searched)}\n"
+            f"  fix: download {ML1M_URL} (MD5 {ML1M_MD5}), unzip it and put ratings.dat, users.dat "
+            f"and movies.dat in {target}/ ; or point --data-dir (root=) at a folder holding them, "
+            f"or set PLANREC_DATA=DIR so that DIR/ml-1m/ holds them.")
+
+
+def _is_writable_dir(folder):
+    # Mode bits too, not just os.access: running as root, os.access says yes even for a folder
+    # deliberately marked read-only (like the shared data copy), and we must not write there.
+    folder = Path(folder)
+    return folder.is_dir() and os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def _move_into_place(src_dir, dst_dir, last=ML1M_FILES):
+    """Move src_dir's files into dst_dir; one atomic rename when dst_dir is absent or empty,
+    otherwise file by file (each os.replace is atomic), the files in `last` moved last."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    try:
+        os.replace(src_dir, dst_dir)
+        os.chmod(dst_dir, 0o755)  # mkdtemp made it private
+        return
+    except OSError:
+        pass
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    files = sorted(src_dir.iterdir(), key=lambda f: (f.name in last, f.name))
+    for f in files:
+        os.replace(f, dst_dir / f.name)
+
+
+def _download_ml1m(target, searched):
+    target = Path(target)
+    tmp_zip = tmp_dir = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not _is_writable_dir(target.parent):
+            raise PermissionError(f"{target.parent} is not writable")
+        # Temporary files sit beside the target (same file system, so the final rename is atomic)
+        # and are removed in `finally`: an interrupted download leaves nothing half-written.
+        fd, tmp_zip = tempfile.mkstemp(prefix=".ml-1m-", suffix=".zip.part", dir=target.parent)
+        md5 = hashlib.md5()
+        with os.fdopen(fd, "wb") as out, _urlopen(ML1M_URL, timeout=60) as response:
+            total = int(getattr(response, "headers", {}).get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="ml-1m.zip") as bar:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    md5.update(chunk)
+                    bar.update(len(chunk))
+        if md5.hexdigest() != ML1M_MD5:
+            raise RuntimeError(f"MD5 mismatch: got {md5.hexdigest()}, expected {ML1M_MD5} "
+                               f"(corrupted transfer or a changed archive)")
+        tmp_dir = tempfile.mkdtemp(prefix=".ml-1m-", dir=target.parent)
+        with zipfile.ZipFile(tmp_zip) as archive:
+            archive.extractall(tmp_dir)
+        extracted = next((d for d in (Path(tmp_dir) / "ml-1m", Path(tmp_dir)) if _contains_ml1m(d)),
+                         None)
+        if extracted is None:
+            raise RuntimeError("the archive does not contain ml-1m/{ratings,users,movies}.dat")
+        _move_into_place(extracted, target)
+    except Exception as e:
+        raise RuntimeError(_how_to_fix(f"MovieLens-1M was not found and downloading {ML1M_URL} "
+                                       f"into {target} failed: {type(e).__name__}: {e}",
+                                       searched, target)) from e
+    finally:
+        if tmp_zip is not None and os.path.exists(tmp_zip):
+            os.remove(tmp_zip)
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def find_ml1m(root=None, download=True):
+    """Folder holding ratings.dat, users.dat, movies.dat. Looks in root (the --data-dir, or its
+    ml-1m/ subfolder), then $PLANREC_DATA/ml-1m, then ./data/ml-1m; downloads if absent."""
+    searched = _ml1m_search_path(root)
+    for folder in searched:
+        if _contains_ml1m(folder):
+            return folder
+    target = _download_target(root)
+    if not download:
+        raise FileNotFoundError(_how_to_fix("MovieLens-1M was not found (download=False).",
+                                            searched, target))
+    _download_ml1m(target, searched)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the three ::-separated files
+
+def _as_int(value):
+    return int(value)
+
+
+def _as_gender(value):
+    return GENDERS.index(value)
+
+
+def _as_age_band(value):
+    return ML1M_AGE_CODES.index(int(value))
+
+
+RATINGS_FORMAT = ("UserID::MovieID::Rating::Timestamp", [(_as_int, "an integer")] * 4)
+USERS_FORMAT = ("UserID::Gender::Age::Occupation::Zip",
+                [(_as_int, "an integer"), (_as_gender, "F or M"),
+                 (_as_age_band, f"one of the age codes {ML1M_AGE_CODES}"),
+                 (_as_int, "an integer"), (str, "text")])
+MOVIES_FORMAT = ("MovieID::Title::Genres", [(_as_int, "an integer"), (str, "text"), (str, "text")])
+
+
+def _parse_strict(path, file_format, encoding):
+    """Line-by-line parser that stops at the first malformed line with file:line: content and
+    what was expected. Used for the small files, and to locate the error in ratings.dat."""
+    layout, converters = file_format
+    names = layout.split("::")
+    text = Path(path).read_text(encoding=encoding).rstrip()
+    if not text:
+        raise ValueError(f"{path}: the file is empty; expected lines {layout}")
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split("::")
+        if len(fields) != len(names):
+            raise ValueError(f"{path}:{lineno}: {line!r}: expected {len(names)} '::'-separated "
+                             f"fields {layout}, found {len(fields)}")
+        row = []
+        for name, (convert, expected), value in zip(names, converters, fields):
+            try:
+                row.append(convert(value))
+            except (ValueError, KeyError):
+                raise ValueError(f"{path}:{lineno}: {line!r}: {name} should be {expected}, "
+                                 f"found {value!r}") from None
+        rows.append(row)
+    return rows
+
+
+def _read_ratings(path):
+    # Fast path (1M lines in ~0.5 s): numpy's C parser on the whole file. Anything it rejects,
+    # or blank lines it would silently skip, sends us to the strict parser to name the line.
+    raw = Path(path).read_bytes().rstrip()
+    if b"\r" in raw:
+        raw = raw.replace(b"\r\n", b"\n")
+    n_lines = raw.count(b"\n") + 1
+    try:
+        if not raw:
+            raise ValueError("empty file")
+        table = np.loadtxt(io.BytesIO(raw.replace(b"::", b"\t")), delimiter="\t", dtype=np.int64,
+                           comments=None, ndmin=2)
+        ok = table.shape == (n_lines, 4)
+    except ValueError as e:
+        ok, reason = False, e
+    if not ok:
+        table = np.array(_parse_strict(path, RATINGS_FORMAT, "latin-1"), dtype=np.int64)
+        if table.shape != (n_lines, 4):  # strict parser found nothing; should not happen
+            raise ValueError(f"{path}: could not parse as {RATINGS_FORMAT[0]} ({reason})")
+    return {"user": table[:, 0], "item": table[:, 1], "rating": table[:, 2],
+            "timestamp": table[:, 3]}
+
+
+def _check_unique(path, ids, what):
+    uniq, first, counts = np.unique(ids, return_index=True, return_counts=True)
+    if (counts > 1).any():
+        dup = uniq[counts > 1][0]
+        line = np.flatnonzero(ids == dup)[1] + 1
+        raise ValueError(f"{path}:{line}: {what} {dup} appears twice; each {what} needs one line")
+
+
+def read_movielens(folder, expected_counts=ML1M_COUNTS):
+    """Parse ratings.dat, users.dat, movies.dat of an ML-1M-format folder into dicts of arrays:
+    ratings {user, item, rating, timestamp} in file order; users {user_id, gender (0=F, 1=M),
+    age (band index 0..6), occupation}; movies {movie_id, title, genres (list of lists), year}.
+    Counts differing from expected_counts give one warning (None: no check, for other data)."""
+    folder = Path(folder)
+    ratings = _read_ratings(folder / "ratings.dat")
+    user_rows = _parse_strict(folder / "users.dat", USERS_FORMAT, "latin-1")
+    users = {"user_id": np.array([r[0] for r in user_rows], dtype=np.int64),
+             "gender": np.array([r[1] for r in user_rows], dtype=np.int64),
+             "age": np.array([r[2] for r in user_rows], dtype=np.int64),
+             "occupation": np.array([r[3] for r in user_rows], dtype=np.int64)}
+    movie_rows = _parse_strict(folder / "movies.dat", MOVIES_FORMAT, "latin-1")
+    years = [re.search(r"\((\d{4})\)\s*$", r[1]) for r in movie_rows]
+    movies = {"movie_id": np.array([r[0] for r in movie_rows], dtype=np.int64),
+              "title": [r[1] for r in movie_rows],
+              "genres": [[g for g in r[2].split("|") if g] for r in movie_rows],
+              # 0 = unknown year (a title without "(YYYY)" at the end); our choice, not an error
+              "year": np.array([int(m.group(1)) if m else 0 for m in years], dtype=np.int64)}
+    _check_unique(folder / "users.dat", users["user_id"], "UserID")
+    _check_unique(folder / "movies.dat", movies["movie_id"], "MovieID")
+    for key, known, other in (("user", users["user_id"], "users.dat"),
+                              ("item", movies["movie_id"], "movies.dat")):
+        unknown = ~np.isin(ratings[key], known)
+        if unknown.any():
+            line = np.flatnonzero(unknown)[0]
+            raise ValueError(f"{folder / 'ratings.dat'}:{line + 1}: rates {key} "
+                             f"{ratings[key][line]}, which is not in {other}; the three files "
+                             f"must come from the same copy of the data set")
+    if expected_counts is not None:
+        found = {"ratings": len(ratings["user"]), "users": len(np.unique(ratings["user"])),
+                 "movies": len(np.unique(ratings["item"]))}
+        if found != expected_counts:
+            warnings.warn(f"{folder}: {found['ratings']:,} ratings, {found['users']:,} users, "
+                          f"{found['movies']:,} rated movies; canonical MovieLens-1M has "
+                          f"{expected_counts['ratings']:,}, {expected_counts['users']:,}, "
+                          f"{expected_counts['movies']:,}. Continuing (a filtered copy?), but "
+                          f"results will not be comparable to the paper's.")
+    return ratings, users, movies
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol: sequences, splits, negatives
+
+def _sorted_keys(users, items, n_items):
+    # One int64 per (user, item) pair; sorted, so membership is a binary search.
+    return np.sort(users * (n_items + 1) + items)
+
+
+def _contains(sorted_keys, keys):
+    i = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[i] == keys
+
+
+def _sample_eval_negatives(sorted_keys, lengths, n_items, k, rng):
+    """[n_users, k] items drawn uniformly WITHOUT replacement from the items each user never
+    interacted with. Vectorized rejection: draw with replacement, drop the user's items and
+    repeats, keep the first k (an ordered sample without replacement, hence uniform); rows with
+    fewer than k survivors are redrawn from scratch with a bigger buffer."""
+    n_users = len(lengths)
+    n_free = n_items - lengths
+    if k > 0 and n_free.min() < k:
+        u = int(np.argmin(n_free))
+        raise ValueError(f"user index {u} interacted with {lengths[u]} of {n_items} items, leaving "
+                         f"{n_free[u]} to draw {k} evaluation negatives from; use fewer "
+                         f"n_eval_negatives or more items")
+    out = np.zeros((n_users, k), dtype=np.int64)
+    todo = np.arange(n_users)
+    # Enough draws that most rows succeed at once: k / (free share) plus slack for repeats.
+    size = int(np.ceil(1.5 * k * n_items / max(n_free.min(), 1))) + 20
+    while len(todo) and k > 0:
+        draws = rng.integers(1, n_items + 1, size=(len(todo), size))
+        keep = ~_contains(sorted_keys, todo[:, None] * (n_items + 1) + draws)
+        # Mark repeats within a row: a stable sort keeps the first occurrence in front.
+        order = np.argsort(draws, axis=1, kind="stable")
+        sorted_draws = np.take_along_axis(draws, order, axis=1)
+        repeat = np.zeros_like(keep)
+        np.put_along_axis(repeat, order[:, 1:], sorted_draws[:, 1:] == sorted_draws[:, :-1], axis=1)
+        keep &= ~repeat
+        done = keep.sum(axis=1) >= k
+        first_k = np.argsort(~keep[done], axis=1, kind="stable")[:, :k]
+        out[todo[done]] = np.take_along_axis(draws[done], first_k, axis=1)
+        todo, size = todo[~done], size * 2
+    return out
+
+
+def _build(ratings, users, movies, seed, n_eval_negatives, folder):
+    """Everything derived from the raw tables, as a dict of arrays (what the cache stores)."""
+    user_raw, item_raw, timestamp = ratings["user"], ratings["item"], ratings["timestamp"]
+    uniq_users, counts = np.unique(user_raw, return_counts=True)
+    if (counts < MIN_INTERACTIONS).any():
+        short = uniq_users[counts < MIN_INTERACTIONS]
+        warnings.warn(f"{folder}: dropping {len(short)} users with fewer than {MIN_INTERACTIONS} "
+                      f"interactions (no room for train/validation/test), e.g. UserID {short[0]}")
+        keep = ~np.isin(user_raw, short)
+        user_raw, item_raw, timestamp = user_raw[keep], item_raw[keep], timestamp[keep]
+    if len(user_raw) == 0:
+        raise ValueError(f"{folder}: no user has {MIN_INTERACTIONS} or more ratings")
+    raw_user_ids, user = np.unique(user_raw, return_inverse=True)
+    raw_items, item = np.unique(item_raw, return_inverse=True)
+    item = item + 1  # 0 is padding
+    n_users, n_items = len(raw_user_ids), len(raw_items)
+
+    # lexsort is stable, so equal timestamps keep their order in the file.
+    order = np.lexsort((timestamp, user))
+    item_seq = item[order].astype(np.int64)
+    lengths = np.bincount(user, minlength=n_users)
+    user_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    user_of_pos = np.repeat(np.arange(n_users), lengths)
+    t = np.arange(len(item_seq)) - user_offsets[user_of_pos]  # position within the user's sequence
+    in_train_part = t <= lengths[user_of_pos] - 3  # last two are validation and test
+    # Every training position with some history is a positive (DIN-style; the paper does not spell
+    # out how training examples are formed, our choice). t=0 has no history: it is history only.
+    train_pos = np.flatnonzero(in_train_part & (t >= 1))
+    sorted_keys = _sorted_keys(user_of_pos, item_seq, n_items)
+
+    # Evaluation candidates are drawn once per (data, seed) and cached, so every model and run
+    # is scored on the same items. The paper says "one hundred randomly sampled items that the
+    # user did not consume"; without replacement, and independent draws for validation and test,
+    # are our choice.
+    rng = np.random.default_rng(seed)
+    valid_neg = _sample_eval_negatives(sorted_keys, lengths, n_items, n_eval_negatives, rng)
+    test_neg = _sample_eval_negatives(sorted_keys, lengths, n_items, n_eval_negatives, rng)
+
+    # Attributes, aligned with the re-indexed users and items.
+    user_sorter = np.argsort(users["user_id"])
+    user_row = user_sorter[np.searchsorted(users["user_id"], raw_user_ids, sorter=user_sorter)]
+    movie_sorter = np.argsort(movies["movie_id"])
+    movie_row = movie_sorter[np.searchsorted(movies["movie_id"], raw_items, sorter=movie_sorter)]
+    genre_names = sorted({g for genres in movies["genres"] for g in genres})
+    column = {g: j for j, g in enumerate(genre_names)}
+    genres = np.zeros((n_items + 1, len(genre_names)), dtype=np.float32)
+    for i, row in enumerate(movie_row, 1):  # ~4k items, once per build
+        genres[i, [column[g] for g in movies["genres"][row]]] = 1.0
+    year = np.zeros(n_items + 1, dtype=np.float32)
+    year[1:] = movies["year"][movie_row]
+
+    return {
+        "n_users": np.int64(n_users), "n_items": np.int64(n_items),
+        "item_seq": item_seq, "user_offsets": user_offsets,
+        "train_user": user_of_pos[train_pos].astype(np.int64), "train_pos": train_pos.astype(np.int64),
+        "valid_candidates": np.column_stack([item_seq[user_offsets[1:] - 2], valid_neg]),
+        "test_candidates": np.column_stack([item_seq[user_offsets[1:] - 1], test_neg]),
+        "item_train_count": np.bincount(item_seq[in_train_part], minlength=n_items + 1).astype(np.int64),
+        "user_attr.gender": users["gender"][user_row], "user_attr.age": users["age"][user_row],
+        "user_attr.occupation": users["occupation"][user_row],
+        "item_attr.genres": genres, "item_attr.year": year,
+        "vocab.genres": np.array(genre_names, dtype=str),
+        "vocab.gender": np.array(GENDERS), "vocab.age": np.array(ML1M_AGE_BANDS),
+        "raw_user_ids": raw_user_ids.astype(np.int64),
+        "raw_item_ids": np.concatenate([[0], raw_items]).astype(np.int64),
+    }
+
+
+@dataclass(repr=False)
+class RecData:
+    name: str
+    n_users: int  # users re-indexed 0..n_users-1 in order of original UserID
+    n_items: int  # items re-indexed 1..n_items in order of original MovieID; 0 is padding
+    item_seq: np.ndarray  # [n_interactions] each user's items in time order, users concatenated
+    user_offsets: np.ndarray  # [n_users + 1] user u is item_seq[user_offsets[u]:user_offsets[u+1]]
+    train_user: np.ndarray  # [n_train] user of each training target
+    train_pos: np.ndarray  # [n_train] index into item_seq of each training target (t >= 1)
+    valid_candidates: np.ndarray  # [n_users, 1 + n_eval_negatives], column 0 = validation item
+    test_candidates: np.ndarray  # [n_users, 1 + n_eval_negatives], column 0 = test item
+    item_train_count: np.ndarray  # [n_items + 1] interactions per item in the training part
+    user_attrs: dict  # gender (0=F, 1=M), age (band index 0..6), occupation: [n_users] int64
+    item_attrs: dict  # genres [n_items + 1, n_genres] float32 multi-hot, year [n_items + 1] float32
+    raw_user_ids: np.ndarray  # [n_users] original UserID
+    raw_item_ids: np.ndarray  # [n_items + 1] original MovieID (0 for padding)
+    history_len: int = HISTORY_LEN
+    attr_vocab: dict = field(default_factory=dict)  # names: genres columns, gender and age codes
+    folder: str = ""  # where the source files are (the synthetic ground truth lives there too)
+
+    def __repr__(self):
+        return (f"RecData({self.name!r}: {self.n_users} users, {self.n_items} items, "
+                f"{len(self.item_seq)} interactions, {len(self.train_pos)} training positions, "
+                f"{self.test_candidates.shape[1] - 1} evaluation negatives)")
+
+    @cached_property
+    def _interaction_keys(self):
+        lengths = np.diff(self.user_offsets)
+        return _sorted_keys(np.repeat(np.arange(self.n_users), lengths), self.item_seq, self.n_items)
+
+    def interacted(self, user, items):
+        """Boolean array shaped like `items`: did `user` (broadcast) interact with it, any split."""
+        user, items = np.asarray(user), np.asarray(items)
+        return _contains(self._interaction_keys, user * (self.n_items + 1) + items)
+
+    def history(self, user, pos, length=None):
+        """[len(pos), length] int64: the up-to-`length` items user[j] interacted with before
+        item_seq[pos[j]], oldest first, left-padded with 0. pos must belong to that user."""
+        length = self.history_len if length is None else length
+        user, pos = np.asarray(user, dtype=np.int64), np.asarray(pos, dtype=np.int64)
+        start = self.user_offsets[user]
+        if ((pos < start) | (pos >= self.user_offsets[user + 1])).any():
+            raise ValueError("history(): some pos lies outside its user's sequence; pass the "
+                             "user of each position (e.g. train_user with train_pos)")
+        idx = pos[:, None] - length + np.arange(length)
+        mine = idx >= start[:, None]  # earlier entries belong to the previous user: padding
+        return np.where(mine, self.item_seq[np.maximum(idx, 0)], 0)
+
+    def eval_split(self, split):
+        """(users [n_users], history [n_users, history_len], candidates [n_users, 1 + n_neg]).
+        The test history includes the validation item; the validation history excludes both
+        targets."""
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        users = np.arange(self.n_users, dtype=np.int64)
+        target_pos = self.user_offsets[1:] - (2 if split == "valid" else 1)
+        candidates = self.valid_candidates if split == "valid" else self.test_candidates
+        return users, self.history(users, target_pos), candidates
+
+    def sample_negatives(self, user, n, rng):
+        """[len(user), n] items drawn uniformly from items each user never interacted with (any
+        split): draw, then redraw only the collisions until there are none. With replacement
+        across the n columns (our choice; n is 1 by default)."""
+        user = np.asarray(user, dtype=np.int64)
+        items = rng.integers(1, self.n_items + 1, size=(len(user), n))
+        rows, cols = np.nonzero(self.interacted(user[:, None], items))
+        while len(rows):
+            items[rows, cols] = rng.integers(1, self.n_items + 1, size=len(rows))
+            still = self.interacted(user[rows], items[rows, cols])
+            rows, cols = rows[still], cols[still]
+        return items
+
+    def train_epoch(self, batch_size, n_negatives, rng):
+        """One epoch over all training positions in an rng-shuffled order. Yields dicts of int64
+        arrays: user [b], history [b, history_len], items [b, 1 + n_negatives] with the positive
+        target in column 0 and fresh negatives (shared history) after it."""
+        if batch_size < 1 or n_negatives < 0:
+            raise ValueError(f"need batch_size >= 1 and n_negatives >= 0, got {batch_size}, "
+                             f"{n_negatives}")
+        order = rng.permutation(len(self.train_pos))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            user, pos = self.train_user[idx], self.train_pos[idx]
+            items = np.empty((len(idx), 1 + n_negatives), dtype=np.int64)
+            items[:, 0] = self.item_seq[pos]
+            items[:, 1:] = self.sample_negatives(user, n_negatives, rng)
+            yield {"user": user, "history": self.history(user, pos), "items": items}
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading with a cache
+
+def _cache_key(folder, settings):
+    # Content hash, not size+mtime: it costs ~0.05 s for ML-1M, survives copies and touches
+    # (no spurious rebuilds) and catches same-size edits within one mtime tick (no stale cache).
+    h = hashlib.blake2b(digest_size=8)
+    for name in ML1M_FILES:
+        h.update(name.encode())
+        h.update((Path(folder) / name).read_bytes())
+    h.update(json.dumps({**settings, "protocol_version": PROTOCOL_VERSION}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _cache_dirs(folder):
+    # $PLANREC_CACHE when set (an explicit choice wins, our choice), else next to the data, else
+    # ./data/cache (the data folder may be read-only, like the shared copy).
+    dirs = [Path(os.environ["PLANREC_CACHE"]).expanduser()] if os.environ.get("PLANREC_CACHE") else []
+    return dirs + [Path(folder), Path("data") / "cache"]
+
+
+def _write_cache(arrays, filename, folder):
+    for directory in _cache_dirs(folder):
+        tmp = None
+        try:
+            if directory != Path(folder):
+                directory.mkdir(parents=True, exist_ok=True)
+            if not _is_writable_dir(directory):
+                continue
+            fd, tmp = tempfile.mkstemp(prefix=".planrec_cache-", suffix=".npz.part", dir=directory)
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is fine to share
+            os.replace(tmp, directory / filename)
+            return directory / filename
+        except OSError:
+            if tmp is not None and os.path.exists(tmp):
+                os.remove(tmp)
+    warnings.warn(f"could not write the cache {filename} to any of "
+                  f"{[str(d) for d in _cache_dirs(folder)]}; set PLANREC_CACHE to a writable folder")
+    return None
+
+
+def _from_arrays(arrays, name, folder, history_len):
+    prefixed = lambda p: {k[len(p):]: arrays[k] for k in arrays if k.startswith(p)}
+    return RecData(
+        name=name, n_users=int(arrays["n_users"]), n_items=int(arrays["n_items"]),
+        item_seq=arrays["item_seq"], user_offsets=arrays["user_offsets"],
+        train_user=arrays["train_user"], train_pos=arrays["train_pos"],
+        valid_candidates=arrays["valid_candidates"], test_candidates=arrays["test_candidates"],
+        item_train_count=arrays["item_train_count"],
+        user_attrs=prefixed("user_attr."), item_attrs=prefixed("item_attr."),
+        raw_user_ids=arrays["raw_user_ids"], raw_item_ids=arrays["raw_item_ids"],
+        history_len=history_len, attr_vocab={k: [str(x) for x in v] for k, v in prefixed("vocab.").items()},
+        folder=str(folder))
+
+
+def _load_folder(folder, name, expected_counts, seed=0, n_eval_negatives=100,
+                 history_len=HISTORY_LEN, rebuild=False):
+    settings = {"name": name, "seed": seed, "n_eval_negatives": n_eval_negatives,
+                "history_len": history_len}
+    filename = f"planrec_cache_{name}_{_cache_key(folder, settings)}.npz"
+    if not rebuild:
+        for directory in _cache_dirs(folder):
+            if (directory / filename).is_file():
+                try:
+                    with np.load(directory / filename, allow_pickle=False) as f:
+                        arrays = {k: f[k] for k in f.files}
+                    return _from_arrays(arrays, name, folder, history_len)
+                except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+                    warnings.warn(f"ignoring unreadable cache {directory / filename} ({e}); rebuilding")
+    ratings, users, movies = read_movielens(folder, expected_counts)
+    arrays = _build(ratings, users, movies, seed, n_eval_negatives, folder)
+    _write_cache(arrays, filename, folder)
+    return _from_arrays(arrays, name, folder, history_len)
+
+
+def load_movielens(root=None, download=True, seed=0, n_eval_negatives=100,
+                   history_len=HISTORY_LEN, rebuild=False):
+    """MovieLens-1M under the protocol, from the cache when the files and settings match.
+    rebuild=True ignores (and overwrites) an existing cache."""
+    folder = find_ml1m(root, download)
+    return _load_folder(folder, "ml-1m", ML1M_COUNTS, seed, n_eval_negatives, history_len, rebuild)
+
+
+def load_dataset(name, root=None, seed=0, **kw):
+    """'ml-1m' -> load_movielens(root, seed=seed, **kw). 'synthetic' / 'synthetic-ood' -> the
+    synthetic world in root (default ./data/<name>), generated first if the folder holds none;
+    make_synthetic's keyword arguments (n_users, n_items, world_seed, ...) pass through **kw.
+    seed is the protocol seed (evaluation negatives), not the world's."""
+    protocol = {k: kw.pop(k) for k in ("n_eval_negatives", "history_len", "rebuild") if k in kw}
+    if name == "ml-1m":
+        return load_movielens(root, seed=seed, **protocol, **kw)
+    if name in ("synthetic", "synthetic-ood"):
+        folder = Path(root).expanduser() if root is not None else Path("data") / name
+        kw.pop("download", None)  # nothing to download: the world is generated locally
+        requested = json.loads(json.dumps({"ood_shift": name == "synthetic-ood", **kw}))
+        if "world_seed" in requested:
+            requested["seed"] = requested.pop("world_seed")
+        if not (_contains_ml1m(folder) and (folder / "ground_truth.npz").is_file()):
+            make_synthetic(folder, **requested)
+        else:
+            made_with = json.loads(str(load_ground_truth(folder)["params"]))
+            differing = {k: (made_with.get(k), v) for k, v in requested.items() if made_with.get(k) != v}
+            if differing:
+                raise ValueError(f"{folder} holds a synthetic world made with other settings "
+                                 f"(setting: (stored, requested)) {differing}; delete the folder "
+                                 f"or choose another --data-dir")
+        return _load_folder(folder, name, None, seed, **protocol)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics and the popularity baseline
+
+def ranking_metrics(scores, ks=(5, 10)):
+    """scores [n_users, 1 + n_negatives], column 0 the positive. Ties count against the
+    positive (pessimistic), so a constant scorer gets auc 0 and recall 0."""
+    if hasattr(scores, "detach"):  # a torch tensor, without importing torch here
+        scores = scores.detach().cpu().numpy()
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2 or scores.shape[0] == 0:
+        raise ValueError(f"scores must be [n_users, 1 + n_negatives] with at least one negative, "
+                         f"got shape {scores.shape}")
+    if np.isnan(scores).any():
+        raise ValueError(f"scores contain NaN in {int(np.isnan(scores).any(axis=1).sum())} rows; "
+                         f"the model diverged or a score was never written")
+    positive, negatives = scores[:, :1], scores[:, 1:]
+    rank = (negatives >= positive).sum(axis=1)  # 0 = the positive is on top
+    metrics = {"auc": float((negatives < positive).mean(axis=1).mean())}
+    for k in ks:
+        metrics[f"recall@{k}"] = float((rank < k).mean())
+    for k in ks:
+        metrics[f"ndcg@{k}"] = float(np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0).mean())
+    return metrics
+
+
+def popularity_scores(data, split="test"):
+    """[n_users, 1 + n_negatives]: each candidate's interaction count in the training part."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    candidates = data.valid_candidates if split == "valid" else data.test_candidates
+    return data.item_train_count[candidates].astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# A synthetic world with known latent structure (paper §3.3.2 uses one for the OOD study)
+
+SYNTHETIC_NODES = ("user.group", "user.age", "user.power", "user.occupation",
+                   "item.category", "item.price", "item.era")
+# The shared DAG: which user attribute drives preferences over which item attribute.
+# user.occupation has no edge on purpose: a distractor a structure learner should leave alone.
+SYNTHETIC_EDGES = (("user.group", "item.category"), ("user.power", "item.price"),
+                   ("user.age", "item.era"))
+SYNTHETIC_CATEGORIES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")
+SYNTHETIC_ERAS = (1960, 1980)  # era 0: before 1960, 1: 1960-1979, 2: 1980 and later
+
+
+def make_synthetic(folder, n_users=1000, n_items=500, mean_len=40, seed=0, deviating_share=0.2,
+                   ood_shift=False, n_shifted=1, edge_weights=(1.5, 1.5, 1.0), popularity_weight=1.0,
+                   sequence_weight=1.0):
+    """Write a synthetic world in ML-1M format (ratings.dat, users.dat, movies.dat) and its
+    ground truth (ground_truth.npz: DAG, attributes, each user's deviations) into folder.
+
+    Users: group (-> users.dat gender), age band (-> age), purchasing power 0..2 (latent, not
+    in users.dat: a private factor), occupation (distractor). Items: category (-> genres), price
+    level 0..2 (latent), year (-> title) and its era. A user's taste for an item is the sum over
+    the DAG's edges, each weighted by edge_weights: group-specific category affinity, closeness
+    of price to power, closeness of era to the age band's favourite era; plus item popularity
+    and a bonus for staying in the previous item's category (so the history matters). A
+    deviating_share of users drops one edge at random (e.g. ignores price, like the paper's
+    wealthy user). Each user's sequence is drawn item by item without repeats (Gumbel-max).
+    ood_shift=True: the last n_shifted interactions (the test target with the default 1) are
+    drawn under a changed purchasing power. All other draws are identical between the IID and
+    the OOD world of one seed, so they differ only in those last interactions.
+    Deterministic given seed."""
+    folder = Path(folder)
+    lengths_floor = 10  # our choice: every user has some training history
+    if n_items < 120 or mean_len < lengths_floor or n_users < 1 or not 0 <= deviating_share <= 1:
+        raise ValueError(f"need n_items >= 120 (100 evaluation negatives), mean_len >= "
+                         f"{lengths_floor}, n_users >= 1, 0 <= deviating_share <= 1")
+    rng = np.random.default_rng(seed)
+    n_edges, n_cat = len(SYNTHETIC_EDGES), len(SYNTHETIC_CATEGORIES)
+
+    group = rng.integers(0, 2, n_users)
+    age = rng.integers(0, len(ML1M_AGE_CODES), n_users)
+    power = rng.integers(0, 3, n_users)
+    occupation = rng.integers(0, 21, n_users)
+    power_shift = (power + rng.integers(1, 3, n_users)) % 3  # always a different level
+    power_test = power_shift if ood_shift else power
+    deviating = rng.random(n_users) < deviating_share
+    dropped = rng.integers(0, n_edges, n_users)
+    user_deviation = np.where(deviating, dropped, -1)  # index of the ignored edge, -1 = none
+    edge_mask = np.ones((n_users, n_edges), dtype=bool)
+    edge_mask[deviating, dropped[deviating]] = False
+
+    category = rng.integers(0, n_cat, n_items)
+    price = rng.integers(0, 3, n_items)
+    year = rng.integers(1940, 2001, n_items)
+    era = np.digitize(year, SYNTHETIC_ERAS)
+    log_popularity = rng.normal(0.0, 1.0, n_items)
+    category_affinity = rng.normal(0.0, 1.0, (2, n_cat))  # per group
+    favourite_era = np.round((len(ML1M_AGE_CODES) - 1 - age) * 2 / (len(ML1M_AGE_CODES) - 1))
+
+    def taste(user_power):
+        w = np.asarray(edge_weights, dtype=np.float64) * edge_mask  # [n_users, n_edges]
+        return (w[:, :1] * category_affinity[group][:, category]
+                - w[:, 1:2] * np.abs(price[None, :] - user_power[:, None])
+                - w[:, 2:3] * np.abs(era[None, :] - favourite_era[:, None])
+                + popularity_weight * log_popularity[None, :])
+
+    lengths = np.minimum(lengths_floor + rng.poisson(mean_len - lengths_floor, n_users),
+                         n_items - 101)
+    max_len = int(lengths.max())
+    taste_train, taste_test = taste(power), taste(power_test)
+    chosen = np.zeros((n_users, max_len), dtype=np.int64)
+    taken = np.zeros((n_users, n_items), dtype=bool)
+    previous_category = np.full(n_users, -1)
+    rows = np.arange(n_users)
+    for t in range(max_len):  # a loop over steps, vectorized over users and items
+        shifted = t >= lengths - n_shifted
+        logits = np.where(shifted[:, None], taste_test, taste_train)
+        logits = logits + sequence_weight * (category[None, :] == previous_category[:, None])
+        logits[taken] = -np.inf
+        pick = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
+        chosen[:, t], taken[rows, pick] = pick, True
+        previous_category = category[pick]
+
+    start = 946_684_800 + rng.integers(0, 90 * 86_400, n_users)  # from 2000-01-01
+    timestamps = start[:, None] + np.cumsum(rng.integers(60, 3 * 86_400, (n_users, max_len)), axis=1)
+    rating = rng.integers(1, 6, (n_users, max_len))  # ignored by the protocol (implicit feedback)
+    # Write each user's lines in a shuffled order, so readers must sort by timestamp.
+    file_order = rng.permuted(np.tile(np.arange(max_len), (n_users, 1)), axis=1)
+
+    ratings_lines = []
+    for u in range(n_users):
+        for t in file_order[u][file_order[u] < lengths[u]]:
+            ratings_lines.append(f"{u + 1}::{chosen[u, t] + 1}::{rating[u, t]}::{timestamps[u, t]}")
+    users_lines = [f"{u + 1}::{GENDERS[group[u]]}::{ML1M_AGE_CODES[age[u]]}::{occupation[u]}::00000"
+                   for u in range(n_users)]
+    movies_lines = [f"{i + 1}::Item {i + 1} ({year[i]})::{SYNTHETIC_CATEGORIES[category[i]]}"
+                    for i in range(n_items)]
+    adjacency = np.zeros((len(SYNTHETIC_NODES), len(SYNTHETIC_NODES)), dtype=np.int8)
+    for a, b in SYNTHETIC_EDGES:
+        adjacency[SYNTHETIC_NODES.index(a), SYNTHETIC_NODES.index(b)] = 1
+    params = {"n_users": n_users, "n_items": n_items, "mean_len": mean_len, "seed": seed,
+              "deviating_share": deviating_share, "ood_shift": ood_shift, "n_shifted": n_shifted,
+              "edge_weights": list(edge_weights), "popularity_weight": popularity_weight,
+              "sequence_weight": sequence_weight}
+
+    # Write everything into a temporary folder, then move it into place: no half-written world.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=folder.parent))
+    try:
+        for name, lines in (("ratings.dat", ratings_lines), ("users.dat", users_lines),
+                            ("movies.dat", movies_lines)):
+            (tmp / name).write_text("\n".join(lines) + "\n", encoding="latin-1")
+        # Arrays are indexed by raw id - 1 (UserID u -> [u - 1]); align with RecData through
+        # raw_user_ids / raw_item_ids.
+        np.savez(tmp / "ground_truth.npz",
+                 nodes=np.array(SYNTHETIC_NODES), adjacency=adjacency,
+                 edges=np.array(SYNTHETIC_EDGES), category_names=np.array(SYNTHETIC_CATEGORIES),
+                 user_id=np.arange(1, n_users + 1), user_group=group, user_age_band=age,
+                 user_power=power, user_power_test=power_test, user_occupation=occupation,
+                 user_edge_mask=edge_mask, user_deviation=user_deviation, user_length=lengths,
+                 item_id=np.arange(1, n_items + 1), item_category=category, item_price=price,
+                 item_year=year, item_era=era, item_log_popularity=log_popularity,
+                 category_affinity=category_affinity, favourite_era=favourite_era,
+                 params=np.array(json.dumps(params)))
+        _move_into_place(tmp, folder, last=("ground_truth.npz",) + ML1M_FILES)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_ground_truth(folder):
+    """The synthetic world's ground truth as a dict of arrays (params is a JSON string)."""
+    with np.load(Path(folder) / "ground_truth.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
