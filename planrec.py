@@ -28,7 +28,7 @@ class Config:
     embed_dim: int = 8             # paper: "User/item embedding size is 8"
     history_len: int = 50          # paper: "the last 50 clicked items"
     n_layers: int = 2              # paper: "a two-layer self-attention network"
-    n_heads: int = 2               # our choice
+    n_heads: int = 1               # our choice (an 8-wide embedding leaves little to split)
     ffn_dim: int = 32              # our choice
     n_factors: int = 8             # N, our choice
     n_user_factors: int = 4        # N_u, our choice (first N_u factors are user-side)
@@ -51,6 +51,9 @@ class Config:
     # Ablation switches (paper Tables 7 and 8). structure: 'none' is the VAE base, 'shared' is
     # +SSL, 'personalized' is +PSL (with n_mask_samples=1) or the full model (n_mask_samples>1).
     structure: str = "personalized"
+    # What MLP_R and MLP_R* read: "e_hat" is Eq. (15) as written; "both" also gives them the
+    # endogenous factors e (e* for MLP_R*) that e-hat was computed from. Our choice, see README.
+    predict_from: str = "e_hat"
     reconstruction_reg: bool = True   # RecR: reconstruct (u, i) from e-hat instead of z
     dag_reg: bool = True              # AcyR: Eq. (10)
     dependency_reg: bool = True       # DepR: Eq. (9)
@@ -58,12 +61,16 @@ class Config:
     def __post_init__(self):
         if self.structure not in ("none", "shared", "personalized"):
             raise ValueError(f"structure must be 'none', 'shared' or 'personalized', got {self.structure!r}")
+        if self.predict_from not in ("e_hat", "both"):
+            raise ValueError(f"predict_from must be 'e_hat' or 'both', got {self.predict_from!r}")
         if not 0 < self.n_user_factors < self.n_factors:
             raise ValueError(f"n_user_factors must be in 1..n_factors-1, got {self.n_user_factors}")
         if not 1 <= self.k_A <= self.n_factors * (self.n_factors - 1):
             raise ValueError(f"k_A must be in 1..N(N-1)={self.n_factors * (self.n_factors - 1)}, got {self.k_A}")
         if not 1 <= self.k_e <= self.n_factors:
             raise ValueError(f"k_e must be in 1..N={self.n_factors}, got {self.k_e}")
+        if self.n_mask_samples < 1 or self.tau <= 0 or self.beta <= 0:
+            raise ValueError(f"need n_mask_samples >= 1, tau > 0 and beta > 0; got {self.n_mask_samples}, {self.tau}, {self.beta}")
         if self.embed_dim % self.n_heads:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by n_heads {self.n_heads}")
 
@@ -98,11 +105,13 @@ def gumbel_topk(logits, k, tau=1.0, uniform=None):
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
     gumbel = -torch.log(-torch.log(uniform))
     perturbed = logits + gumbel
-    soft = torch.softmax(perturbed / tau, dim=-1)
     # top-K of the perturbed logits = top-K of the soft probabilities, for any tau > 0
     index = perturbed.topk(k, dim=-1).indices
-    hard = torch.zeros_like(soft).scatter_(-1, index, 1.0)
-    return hard + soft - soft.detach()
+    hard = torch.zeros_like(perturbed).scatter_(-1, index, 1.0)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return hard                      # inference: the softmax only matters for the gradient
+    soft = torch.softmax(perturbed / tau, dim=-1)
+    return hard + (soft - soft.detach())   # parenthesized: the forward stays exactly 0/1
 
 
 def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
@@ -174,17 +183,17 @@ class TargetAttentionLayer(nn.Module):
     def _heads(self, x):   # [..., T, D] -> [..., H, T, D/H]
         return x.unflatten(-1, (self.n_heads, -1)).transpose(-2, -3)
 
-    def forward(self, history, target, history_pad):
-        """history [B, L, D]; target [B, C, D] (C candidates share one history); history_pad [B, L]."""
+    def forward(self, history, target, history_keep):
+        """history [B, L, D]; target [B, C, D] (C candidates share one history); history_keep [B, L]
+        is False at padding. Every history has at least one real item."""
         qh, kh, vh = map(self._heads, self.qkv(self.norm_attn(history)).chunk(3, -1))   # [B, H, L, D/H]
         qt, kt, vt = map(self._heads, self.qkv(self.norm_attn(target)).chunk(3, -1))    # [B, H, C, D/H]
         scale = 1.0 / math.sqrt(qh.shape[-1])
-        key_pad = history_pad[:, None, None, :]                                          # [B, 1, 1, L]
-        # history -> history
-        att = (qh @ kh.transpose(-1, -2) * scale).masked_fill(key_pad, float("-inf"))
-        h = (att.softmax(-1) @ vh).transpose(-2, -3).flatten(-2)
+        # history -> history (fused attention; padding keys masked)
+        h = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_keep[:, None, None, :])
+        h = h.transpose(-2, -3).flatten(-2)
         # target -> [history ; itself]
-        att_h = (qt @ kh.transpose(-1, -2) * scale).masked_fill(key_pad, float("-inf"))   # [B, H, C, L]
+        att_h = (qt @ kh.transpose(-1, -2) * scale).masked_fill(~history_keep[:, None, None, :], float("-inf"))
         att_t = (qt * kt).sum(-1, keepdim=True) * scale                                  # [B, H, C, 1]
         w = torch.cat([att_h, att_t], -1).softmax(-1)
         t = (w[..., :-1] @ vh + w[..., -1:] * vt).transpose(-2, -3).flatten(-2)
@@ -214,8 +223,9 @@ class Encoder(nn.Module):
         L = history_emb.shape[1]
         h = history_emb + self.position[:L]
         t = target_emb + self.position[L]
+        history_keep = ~history_pad
         for layer in self.layers:
-            h, t = layer(h, t, history_pad)
+            h, t = layer(h, t, history_keep)
         keep = (~history_pad).unsqueeze(-1).to(h.dtype)
         summary = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1)
         stats = self.to_factors(self.norm(t)).unflatten(-1, (2, self.n_factors, self.factor_dim))
@@ -227,23 +237,29 @@ class Encoder(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 class FactorMLPs(nn.Module):
-    """g_vartheta of Eq. (8): one small MLP per factor, all N evaluated in one batched matmul.
+    """g_vartheta of Eq. (8) and (14): one small MLP per factor, all N evaluated in one batched matmul.
 
-    Factor i's MLP reads the N x d parent-masked factors A_i * e and returns d numbers."""
+    Factor i's MLP reads its parent-masked factors (coefficient[j, i] * e_j for every j, N x d
+    numbers) and returns d numbers."""
 
     def __init__(self, n_factors, factor_dim, hidden):
         super().__init__()
         n_in = n_factors * factor_dim
         self.w1 = nn.Parameter(torch.randn(n_factors, n_in, hidden) / math.sqrt(n_in))
-        self.b1 = nn.Parameter(torch.zeros(n_factors, hidden))
+        self.b1 = nn.Parameter(torch.zeros(n_factors, 1, hidden))
         self.w2 = nn.Parameter(torch.randn(n_factors, hidden, factor_dim) / math.sqrt(hidden))
-        self.b2 = nn.Parameter(torch.zeros(n_factors, factor_dim))
+        self.b2 = nn.Parameter(torch.zeros(n_factors, 1, factor_dim))
 
-    def forward(self, parents):
-        """parents [..., N(child), N(parent), d] -> e-hat [..., N, d]."""
-        x = parents.flatten(-2)                                        # [..., N, N*d]
-        h = F.gelu(torch.einsum("...ik,ikh->...ih", x, self.w1) + self.b1)
-        return torch.einsum("...ih,ihd->...id", h, self.w2) + self.b2
+    def forward(self, coefficient, e):
+        """coefficient [..., N(parent), N(child)] (A, or a masked A); e [..., N, d] -> e-hat [..., N, d]."""
+        N, d = e.shape[-2:]
+        batch = torch.broadcast_shapes(coefficient.shape[:-2], e.shape[:-2])
+        # Built child-first, [N(child), ..., N(parent), d], so both layers are plain batched matmuls.
+        parents = coefficient.expand(*batch, N, N).movedim(-1, 0)[..., None] * e[None]
+        x = parents.reshape(N, -1, N * d)
+        h = F.gelu(torch.baddbmm(self.b1, x, self.w1))
+        out = torch.baddbmm(self.b2, h, self.w2)                     # [N, M, d]
+        return out.reshape(N, *batch, d).movedim(0, -2)
 
 
 def scm(z, A):
@@ -269,27 +285,34 @@ class PlanRec(nn.Module):
         self.cfg = cfg
         D, N, d = cfg.embed_dim, cfg.n_factors, cfg.factor_dim
         self.item_emb = nn.Embedding(cfg.n_items + 1, D, padding_idx=0)
-        self.user_emb = nn.Embedding(cfg.n_users, D)
         nn.init.normal_(self.item_emb.weight, std=0.1)
-        nn.init.normal_(self.user_emb.weight, std=0.1)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
         self.encoder = Encoder(cfg)
         # Decoder p_theta(u, i | z): reconstructs the user and item input representations.
         self.decoder = mlp(N * d, cfg.head_hidden, 2 * D)
-        self.predict_shared = mlp(N * d, cfg.head_hidden, 1)                  # MLP_R
+        n_head_in = N * d * (2 if cfg.predict_from == "both" and cfg.structure != "none" else 1)
+        self.predict_shared = mlp(n_head_in, cfg.head_hidden, 1)              # MLP_R
         if cfg.structure != "none":
-            # A starts at zero: no dependencies until the data asks for them (our choice).
-            self.dependency_matrix = nn.Parameter(torch.zeros(N, N))
+            # Our choice: A starts small and random. At exactly zero every A_i * e is zero, e-hat is a
+            # constant, and no gradient reaches the encoder until A has grown.
+            self.dependency_matrix = nn.Parameter(0.1 * torch.randn(N, N))
             self.g = FactorMLPs(N, d, cfg.g_hidden)
         if cfg.structure == "personalized":
-            self.predict_personal = mlp(N * d, cfg.head_hidden, 1)           # MLP_R*
+            self.user_emb = nn.Embedding(cfg.n_users, D)
+            nn.init.normal_(self.user_emb.weight, std=0.1)
+            self.predict_personal = mlp(n_head_in, cfg.head_hidden, 1)        # MLP_R*
             self.mask_mlp = mlp(D, cfg.head_hidden, N * N + N)               # MLP_mask
         self.scm_fn = scm_fn or personalized_scm
 
     def offdiagonal_A(self):
         A = self.dependency_matrix
         return A - torch.diag_embed(torch.diagonal(A))   # zero diagonal: no factor causes itself
+
+    def _head_input(self, e, e_hat):
+        if self.cfg.predict_from == "both" and self.cfg.structure != "none":
+            return torch.cat([e.flatten(-2), e_hat.flatten(-2)], -1)
+        return e_hat.flatten(-2)
 
     def forward(self, user, history, items):
         """user [B]; history [B, L] item ids (0 = padding); items [B, C] candidate item ids.
@@ -304,32 +327,36 @@ class PlanRec(nn.Module):
         target_emb = self.item_emb(items)
         mean, logvar, summary = self.encoder(history_emb, history_pad, target_emb)
         # Reparameterized sample while training, the mode at inference (Section 2.4).
-        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean
-        z = z.reshape(B * C, N, d)
+        z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean   # [B, C, N, d]
         out = {"mean": mean, "logvar": logvar, "z": z}
 
         if cfg.structure == "none":          # VAE base: predict from z directly
-            e_hat = z
+            e = e_hat = z
         else:
             A = self.offdiagonal_A()
             e = scm(z, A)                                                   # Eq. (7)
-            e_hat = self.g(A.T[:, :, None] * e[:, None])                    # Eq. (8): row i of A.T = A_i
+            e_hat = self.g(A, e)                                            # Eq. (8): A_i * e for each i
             out["e"], out["e_hat"] = e, e_hat
-        y_shared = torch.sigmoid(self.predict_shared(e_hat.flatten(1))).reshape(B, C)   # Eq. (15), Y^c
+        y_shared = torch.sigmoid(self.predict_shared(self._head_input(e, e_hat))).squeeze(-1)  # Eq. (15), Y^c [B, C]
 
         if cfg.structure == "personalized":
             user_vec = self.user_emb(user) + summary                        # u in Eq. (11), our choice
             logits = self.mask_mlp(user_vec)                                 # Eq. (11)
-            logits_A = logits[:, : N * N].reshape(B, 1, N, N).expand(B, C, N, N).reshape(B * C, N, N)
-            logits_e = logits[:, N * N:].reshape(B, 1, N).expand(B, C, N).reshape(B * C, N)
+            logits_A, logits_e = logits[:, : N * N].reshape(B, N, N), logits[:, N * N:]
             A_fixed = A.detach()   # the paper blocks gradients into A in Eq. (13)-(14)
-            e_star, mask_A, mask_e = self.scm_fn(z, A_fixed, logits_A, logits_e, cfg.n_mask_samples,
+            # Our choice: the N_m structures are sampled once per (user, history) and shared by all
+            # its candidate items: a personalized structure belongs to the user, and candidates
+            # ranked against each other under the same samples compare fairly. The C candidates'
+            # factors become C*d right-hand-side columns of one solve per sample.
+            z_columns = z.permute(0, 2, 1, 3).reshape(B, N, C * d)
+            e_star, mask_A, mask_e = self.scm_fn(z_columns, A_fixed, logits_A, logits_e, cfg.n_mask_samples,
                                                  cfg.k_A, cfg.k_e, cfg.tau)              # Eq. (12)-(13)
-            parents = (mask_A * A_fixed).transpose(-1, -2)[..., None] * (mask_e[..., None] * e_star)[..., None, :, :]
-            e_hat_star = self.g(parents)                                                 # Eq. (14)
-            y_samples = torch.sigmoid(self.predict_personal(e_hat_star.flatten(-2))).squeeze(-1)  # Eq. (15), Y*^k
-            y, uncertainty = balance(y_shared.reshape(-1), y_samples, cfg.beta)          # Eq. (16)-(17)
-            out["y"], out["uncertainty"] = y.reshape(B, C), uncertainty.reshape(B, C)
+            e_star = e_star.reshape(B, -1, N, C, d).transpose(2, 3)                      # [B, S, C, N, d]
+            e_hat_star = self.g((mask_A * A_fixed)[:, :, None],
+                                mask_e[:, :, None, :, None] * e_star)                    # Eq. (14)
+            y_samples = torch.sigmoid(self.predict_personal(self._head_input(e_star, e_hat_star))).squeeze(-1)  # Eq. (15)
+            y, uncertainty = balance(y_shared, y_samples.permute(0, 2, 1), cfg.beta)     # Eq. (16)-(17)
+            out["y"], out["uncertainty"], out["mask_A"], out["mask_e"] = y, uncertainty, mask_A, mask_e
         else:
             out["y"] = y_shared
         # What the decoder must reconstruct: the user (mean history embedding) and the item.
@@ -337,7 +364,7 @@ class PlanRec(nn.Module):
         keep = (~history_pad).unsqueeze(-1).to(history_emb.dtype)
         user_input = (history_emb * keep).sum(1) / keep.sum(1).clamp(min=1)
         out["recon_target"] = torch.cat([user_input[:, None].expand(B, C, -1), target_emb], -1).detach()
-        out["recon_source"] = e_hat if (cfg.structure != "none" and cfg.reconstruction_reg) else z
+        out["recon_source"] = e_hat if (cfg.structure != "none" and cfg.reconstruction_reg) else z   # [B, C, N, d]
         return out
 
     def loss(self, out, labels):
@@ -349,7 +376,7 @@ class PlanRec(nn.Module):
         y = out["y"].clamp(1e-7, 1 - 1e-7)
         terms["recommend"] = F.binary_cross_entropy(y, labels.to(y.dtype))              # Eq. (1)
         # -ELBO = reconstruction (cosine distance, Section 2.3) + KL(q || N(0, b0^2 I)) (Eq. 6)
-        decoded = self.decoder(out["recon_source"].flatten(1)).reshape(out["recon_target"].shape)
+        decoded = self.decoder(out["recon_source"].flatten(-2))
         D = cfg.embed_dim
         target = out["recon_target"]
         cos_u = F.cosine_similarity(decoded[..., :D], target[..., :D], dim=-1, eps=1e-6)
@@ -357,11 +384,18 @@ class PlanRec(nn.Module):
         terms["reconstruct"] = ((1 - cos_u) + (1 - cos_i)).mean()
         mean, logvar, b0 = out["mean"], out["logvar"], cfg.prior_scale
         kl = 0.5 * ((mean.pow(2) + logvar.exp()) / b0**2 - 1 - logvar + 2 * math.log(b0))
-        terms["kl"] = kl.sum((-1, -2)).mean()
+        # Our choice: the KL and L_struct are averaged over the N*d latent coordinates rather than
+        # summed, so that every term of Eq. (18) is on the scale of one binary cross-entropy and the
+        # paper's unit weights do not let the regularizers drown the recommendation loss.
+        terms["kl"] = kl.mean()
         total = cfg.w_recommend * terms["recommend"] + cfg.w_reconstruct * terms["reconstruct"] + cfg.w_kl * terms["kl"]
         if cfg.structure != "none":
             if cfg.dependency_reg:
-                terms["struct"] = (out["e_hat"] - out["e"]).pow(2).sum((-1, -2)).mean()   # Eq. (9)
+                # Our choice: e is detached, so Eq. (9) teaches A and g to reproduce each factor
+                # from its parents without pulling the factors themselves toward what their
+                # parents predict (a root factor's e-hat is a constant, so that pull would
+                # collapse z).
+                terms["struct"] = (out["e_hat"] - out["e"]).pow(2).mean()   # Eq. (9)
                 total = total + cfg.w_struct * terms["struct"]
             if cfg.dag_reg:
                 alpha = cfg.dag_alpha or None

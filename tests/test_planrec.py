@@ -181,15 +181,12 @@ def test_gumbel_topk_forward_selects_top_k_of_perturbed_logits(case, dtype):
     assert mask.shape == logits.shape and mask.dtype == dtype
     chosen = mask > 0.5
     assert (chosen.sum(-1) == k).all()
-    # every entry is 0 or 1 up to rounding (exactness: see the xfail test below)
+    # every entry is 0 or 1 (exactness: see the next test)
     assert torch.allclose(mask.double(), chosen.double(), rtol=0, atol=4 * torch.finfo(dtype).eps)
     expected = hand_topk(logits.to(dtype) + gumbel(uniform.to(dtype)), k).bool()
     assert torch.equal(chosen, expected)
 
 
-@pytest.mark.xfail(strict=True, reason="planrec.gumbel_topk returns hard + soft - soft.detach(), which "
-                   "rounds: kept entries come out as 1 +- 1 ulp in about 1 in 5 cases (fix: "
-                   "hard + (soft - soft.detach())). Remove this marker once fixed.")
 @PROPERTY
 @given(case=gumbel_cases(), dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_gumbel_topk_forward_is_exactly_binary_with_k_ones_while_training(case, dtype):
@@ -344,8 +341,6 @@ def test_personalized_scm_shapes_and_masks(case):
     assert torch.equal((mask_e > 0.5).double(), hard_e)
 
 
-@pytest.mark.xfail(strict=True, reason="same rounding as gumbel_topk: kept mask entries are 1 +- 1 ulp, "
-                   "not exactly 1. Remove this marker once gumbel_topk is fixed.")
 @PROPERTY
 @given(case=scm_cases())
 def test_personalized_scm_masks_are_exactly_binary_while_training(case):
