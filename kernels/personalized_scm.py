@@ -20,7 +20,9 @@ backward one program per block of BLOCK_B examples (grid-stride over blocks), lo
          (straight-through: the backward of a hard mask is the softmax Jacobian).
 
 Layout: every per-row quantity is a 3D register tile [rows, BN, BN] or [rows, BN, BD], with N
-padded to BN and d to BD (powers of two) and masked. In the forward the mask tile is held
+padded to BN and d to BD (powers of two) and masked. A launch takes up to 64 right-hand-side
+columns; a wider z (the model passes C candidates as C*d columns) runs as chunks that share the
+seed, hence the masks. In the forward the mask tile is held
 transposed (tile[r, c] is entry (c, r) of A) so that S = I - (M * A)^T needs no transpose; in
 the backward it is held in A's own layout, which is S^T.
 
@@ -58,7 +60,7 @@ except ImportError:  # pragma: no cover - the package can still be imported; CPU
     tl = None
 
 MAX_N = 32
-MAX_D = 64
+MAX_D = 64                    # columns per launch; wider z is split into chunks
 MAX_SAMPLES = 16
 MAX_BWD_PROGRAMS = 1024
 DTYPES = (torch.float32, torch.bfloat16)
@@ -387,8 +389,8 @@ def _check(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, unifor
     B, N, d = z.shape
     if not 2 <= N <= MAX_N:
         raise ValueError(f"N (number of factors) must be in 2..{MAX_N} for the Triton kernel, got {N}")
-    if not 1 <= d <= MAX_D:
-        raise ValueError(f"d (factor size) must be in 1..{MAX_D} for the Triton kernel, got {d}")
+    if d < 1:
+        raise ValueError(f"d (right-hand-side columns) must be >= 1, got {d}")
     if not 1 <= n_samples <= MAX_SAMPLES:
         raise ValueError(f"n_samples (N_m) must be in 1..{MAX_SAMPLES} for the Triton kernel, got {n_samples}")
     if not 1 <= k_A <= N * (N - 1):
@@ -430,7 +432,8 @@ def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
     Runs the Triton kernels on CUDA tensors and, with TRITON_INTERPRET=1, on CPU tensors; other
     CPU tensors go to planrec.personalized_scm (with `seed`, its uniforms come from a
     torch.Generator seeded with it: reproducible, but not the kernel's Philox stream).
-    Kernel limits: N <= 32, d <= 64, n_samples <= 16, float32 or bfloat16 (solved in float32).
+    Kernel limits: N <= 32, n_samples <= 16, float32 or bfloat16 (solved in float32); d is any
+    size (a launch handles up to 64 columns; wider z runs as chunks that share the noise).
     """
     if not (z.is_cuda or _interpreting()) or triton is None:
         return _eager(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e, seed)
@@ -440,11 +443,21 @@ def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
     _check(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e, seed)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    contiguous = [t.contiguous() if t is not None else None
-                  for t in (z, A, logits_A, logits_e, uniform_A, uniform_e)]
-    z, A, logits_A, logits_e, uniform_A, uniform_e = contiguous
-    return PersonalizedSCMFunction.apply(z, A, logits_A, logits_e, n_samples, k_A, k_e, float(tau),
-                                         uniform_A, uniform_e, seed)
+    A, logits_A, logits_e, uniform_A, uniform_e = [
+        t.contiguous() if t is not None else None for t in (A, logits_A, logits_e, uniform_A, uniform_e)]
+    d = z.shape[-1]
+    if d <= MAX_D:
+        return PersonalizedSCMFunction.apply(z.contiguous(), A, logits_A, logits_e, n_samples, k_A, k_e,
+                                             float(tau), uniform_A, uniform_e, seed)
+    # Wider right-hand sides (the model solves the C candidates' factors as C*d columns): the
+    # columns are independent solves with the same masks, so each chunk of <= MAX_D columns runs
+    # the kernel with the same seed / uniforms, hence draws the same masks. The gradients for
+    # logits and A add up over the chunks through autograd; the returned masks (and any upstream
+    # gradient on them) are the first chunk's.
+    outs = [PersonalizedSCMFunction.apply(zc.contiguous(), A, logits_A, logits_e, n_samples, k_A, k_e,
+                                          float(tau), uniform_A, uniform_e, seed)
+            for zc in z.tensor_split(-(-d // MAX_D), dim=-1)]
+    return torch.cat([o[0] for o in outs], dim=-1), outs[0][1], outs[0][2]
 
 
 def _eager(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e, seed):
