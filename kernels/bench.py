@@ -184,8 +184,12 @@ def main(argv=None):
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager function")
     p.add_argument("--no-poison", action="store_true", help="fused: skip the NaN fill of the output buffers")
     p.add_argument("--cpu-reps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU path: torch threads (1 is steadier on a shared machine; default: torch's)")
     p.add_argument("--csv", default="bench_out/personalized_scm.csv")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
     grid = dict(FULL_GRID if cuda else CPU_GRID)
     for key in grid:
