@@ -213,7 +213,11 @@ class Encoder(nn.Module):
         self.position = nn.Parameter(torch.zeros(cfg.history_len + 1, D))
         self.layers = nn.ModuleList(TargetAttentionLayer(D, cfg.n_heads, cfg.ffn_dim) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(D)
-        self.to_factors = nn.Linear(D, 2 * cfg.n_factors * cfg.factor_dim)   # mean and log-variance
+        # Our choice: the FC layer reads the target token's output and an FM-style product of the
+        # history summary with the target embedding, so a dot-product preference (the strongest
+        # signal in next-item data) is linear in its input. The paper allows "any neural
+        # architecture that evolves interactions of the user and the target item" here.
+        self.to_factors = nn.Linear(2 * D, 2 * cfg.n_factors * cfg.factor_dim)   # mean and log-variance
         self.n_factors, self.factor_dim = cfg.n_factors, cfg.factor_dim
 
     def forward(self, history_emb, history_pad, target_emb):
@@ -228,7 +232,8 @@ class Encoder(nn.Module):
             h, t = layer(h, t, history_keep)
         keep = (~history_pad).unsqueeze(-1).to(h.dtype)
         summary = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1)
-        stats = self.to_factors(self.norm(t)).unflatten(-1, (2, self.n_factors, self.factor_dim))
+        features = torch.cat([self.norm(t), summary[:, None, :] * target_emb], -1)
+        stats = self.to_factors(features).unflatten(-1, (2, self.n_factors, self.factor_dim))
         return stats[..., 0, :, :], stats[..., 1, :, :], summary
 
 
