@@ -3,7 +3,7 @@
     python -m kernels.bench                       # the full grid of issue 5 (CUDA)
     python -m kernels.bench --B 4096 --Nm 8 --N 8 --d 8 --csv out.csv
     python -m kernels.bench --no-compile          # skip torch.compile (compiling every shape is slow)
-    python -m kernels.bench --no-poison           # fused without the NaN fill of its output buffers
+    python -m kernels.bench --poison              # fused with the NaN fill the tests use
 
 For every row: the median time (triton.testing.do_bench, return_mode="median") of the forward
 ("fwd") and of forward + backward ("fwdbwd", upstream gradients on all three outputs, gradients
@@ -98,8 +98,7 @@ def bench_cuda(grid, args):
     import triton.testing
     from kernels import personalized_scm as fused
     kmod = sys.modules["kernels.personalized_scm"]
-    if args.no_poison:
-        kmod.POISON_OUTPUTS = False
+    kmod.POISON_OUTPUTS = args.poison
     do_bench = triton.testing.do_bench
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth(do_bench)
@@ -182,7 +181,7 @@ def main(argv=None):
     p.add_argument("--d", type=int, nargs="+")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager function")
-    p.add_argument("--no-poison", action="store_true", help="fused: skip the NaN fill of the output buffers")
+    p.add_argument("--poison", action="store_true", help="fused: NaN-fill the output buffers first, as the tests do")
     p.add_argument("--cpu-reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU path: torch threads (1 is steadier on a shared machine; default: torch's)")

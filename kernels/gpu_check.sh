@@ -55,8 +55,8 @@ step tests 150 env KERNEL_TEST_EXAMPLES=12 "$PY" -m pytest tests/test_kernels.py
 step bench_goal 110 "$PY" -m kernels.bench --B 4096 65536 --Nm 8 --N 8 --d 8 --csv "$OUT/bench_goal.csv"
 step bench_grid 60 "$PY" -m kernels.bench --no-compile --B 4096 65536 --Nm 1 16 --N 8 16 --d 8 32 \
     --csv "$OUT/bench_grid.csv"
-step bench_nopoison 25 "$PY" -m kernels.bench --no-compile --no-poison --B 4096 65536 --Nm 8 --N 8 --d 8 \
-    --csv "$OUT/bench_nopoison.csv"
+step bench_poison 25 "$PY" -m kernels.bench --no-compile --poison --B 4096 65536 --Nm 8 --N 8 --d 8 \
+    --csv "$OUT/bench_poison.csv"
 for kernel in triton eager; do
     step "train_$kernel" 60 "$PY" train.py --data synthetic --epochs 1 --kernel "$kernel" --device cuda \
         --out "$OUT/train_$kernel"
