@@ -25,7 +25,7 @@ import torch.nn.functional as F
 class Config:
     n_users: int = 6040
     n_items: int = 3706
-    embed_dim: int = 8             # paper: "User/item embedding size is 8"
+    embed_dim: int = 16            # paper: 8; ours 16, measured better on ML-1M (RESULTS.md)
     history_len: int = 50          # paper: "the last 50 clicked items"
     n_layers: int = 2              # paper: "a two-layer self-attention network"
     n_heads: int = 1               # our choice (an 8-wide embedding leaves little to split)
@@ -42,18 +42,19 @@ class Config:
     k_e: int = 6                   # top-K of the factor mask: 6 of 8 factors kept, our choice
     prior_scale: float = 1.0       # b0 of the prior N(0, b0^2 I), our choice
     dag_alpha: float = 0.0         # alpha of Eq. (10); 0 means 1/N, our choice
-    # Loss weights of Eq. (18); the paper weighs every term 1.
+    # Loss weights of Eq. (18). The paper weighs every term 1; ours weigh the regularizers 0.1,
+    # measured better on ML-1M (RESULTS.md): at 1 the KL and L_struct slow the ranking loss down.
     w_recommend: float = 1.0
-    w_reconstruct: float = 1.0
-    w_kl: float = 1.0
-    w_struct: float = 1.0
-    w_dag: float = 1.0
+    w_reconstruct: float = 0.1
+    w_kl: float = 0.1
+    w_struct: float = 0.1
+    w_dag: float = 0.1
     # Ablation switches (paper Tables 7 and 8). structure: 'none' is the VAE base, 'shared' is
     # +SSL, 'personalized' is +PSL (with n_mask_samples=1) or the full model (n_mask_samples>1).
     structure: str = "personalized"
     # What MLP_R and MLP_R* read: "e_hat" is Eq. (15) as written; "both" also gives them the
     # endogenous factors e (e* for MLP_R*) that e-hat was computed from. Our choice, see README.
-    predict_from: str = "e_hat"
+    predict_from: str = "both"
     reconstruction_reg: bool = True   # RecR: reconstruct (u, i) from e-hat instead of z
     dag_reg: bool = True              # AcyR: Eq. (10)
     dependency_reg: bool = True       # DepR: Eq. (9)
@@ -76,6 +77,11 @@ class Config:
 
     def to_dict(self):
         return asdict(self)
+
+
+# Where our defaults above depart from what the paper states, the paper's values
+# (train.py --paper-settings applies them, with the paper's Adagrad optimizer).
+PAPER_SETTINGS = dict(embed_dim=8, predict_from="e_hat", w_reconstruct=1.0, w_kl=1.0, w_struct=1.0, w_dag=1.0)
 
 
 # ------------------------------------------------------------------------------------------------
