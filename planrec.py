@@ -5,9 +5,10 @@ lines that compute equation n. Values the paper states are marked "paper"; every
 leaves open is marked "our choice".
 
 Shapes used throughout:
-    B  candidates in a batch (a (user, history, target item) triple each)
+    B  (user, history) rows in a batch
+    C  candidate items scored against each row (a positive and its negatives; 101 at evaluation)
     L  history length (50)
-    D  item/user embedding size (8)
+    D  item/user embedding size
     N  number of latent factors; the first N_u are user-side, the rest item-side
     d  size of each latent factor
     S  number of sampled personalized structures (N_m in the paper)
@@ -28,10 +29,10 @@ class Config:
     embed_dim: int = 16            # paper: 8; ours 16, measured better on ML-1M (RESULTS.md)
     history_len: int = 50          # paper: "the last 50 clicked items"
     n_layers: int = 2              # paper: "a two-layer self-attention network"
-    n_heads: int = 1               # our choice (an 8-wide embedding leaves little to split)
+    n_heads: int = 1               # our choice (embeddings this narrow leave little to split)
     ffn_dim: int = 32              # our choice
     n_factors: int = 8             # N, our choice
-    n_user_factors: int = 4        # N_u, our choice (first N_u factors are user-side)
+    n_user_factors: int = 4        # N_u, our choice: names factors 0..N_u-1 user-side for analysis; the model treats all alike
     factor_dim: int = 8            # d, our choice
     g_hidden: int = 16             # hidden width of each factor's g_vartheta MLP, our choice
     head_hidden: int = 32          # hidden width of MLP_R, MLP_R*, MLP_mask and the decoder, our choice
@@ -105,7 +106,8 @@ def gumbel_topk(logits, k, tau=1.0, uniform=None):
 
     Forward: exactly k ones (the k largest of logits + G) and zeros elsewhere.
     Backward: the gradient of softmax((logits + G) / tau), G = -log(-log U).
-    The logits play the role of log(M-bar) in Eq. (12). Entries with logit -inf are never chosen.
+    The logits play the role of log(M-bar) in Eq. (12). Entries with logit -inf are never chosen
+    while at least k entries are finite.
     """
     if uniform is None:
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
@@ -174,7 +176,8 @@ class TargetAttentionLayer(nn.Module):
     sequence and the target item"): history tokens attend to history tokens only, and the target
     token attends to history and itself. The history half then does not depend on the target, so
     it is computed once per history and shared by the positive, its negatives and all 101
-    evaluation candidates; the target token sees exactly what it would in the full attention.
+    evaluation candidates. The target token still attends to every history token and to itself
+    at every layer; only the history tokens no longer see the target.
     """
 
     def __init__(self, dim, n_heads, ffn_dim):
@@ -236,7 +239,7 @@ class Encoder(nn.Module):
         history_keep = ~history_pad
         for layer in self.layers:
             h, t = layer(h, t, history_keep)
-        keep = (~history_pad).unsqueeze(-1).to(h.dtype)
+        keep = history_keep.unsqueeze(-1).to(h.dtype)
         summary = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1)
         features = torch.cat([self.norm(t), summary[:, None, :] * target_emb], -1)
         stats = self.to_factors(features).unflatten(-1, (2, self.n_factors, self.factor_dim))
