@@ -351,6 +351,9 @@ class PlanRec(nn.Module):
             e = scm(z, A)                                                   # Eq. (7)
             e_hat = self.g(A, e)                                            # Eq. (8): A_i * e for each i
             out["e"], out["e_hat"] = e, e_hat
+        # Y^c and Y*^k are probabilities, not logits (our reading): with beta = 0.002, Eq. (17)
+        # only balances anything on the scale of a probability's variance (at most 1/4); logit
+        # variances would saturate sigmoid(Var / beta) at 1 and silence the personalized branch.
         y_shared = torch.sigmoid(self.predict_shared(self._head_input(e, e_hat))).squeeze(-1)  # Eq. (15), Y^c [B, C]
 
         if cfg.structure == "personalized":

@@ -339,7 +339,8 @@ def main(argv=None):
     model.load_state_dict(ckpt["model"])
     test = evaluate(model, data, "test", device, seed=args.seed)
     popularity = datalib.ranking_metrics(datalib.popularity_scores(data, "test"))
-    rows = [(f"PlanRec ep{ckpt['epoch']}", test), ("popularity", popularity)]
+    name = {"none": "VAE base", "shared": "+SSL", "personalized": "PlanRec"}[cfg.structure]
+    rows = [(f"{name} ep{ckpt['epoch']}", test), ("popularity", popularity)]
     if args.data == "ml-1m":
         rows.insert(1, ("paper", PAPER_ML1M))
     print("\nTest metrics (best validation epoch):")
