@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -97,12 +96,11 @@ def parse_overrides(parser, items):
         name, sep, value = item.partition("=")
         if not sep or name not in types:
             parser.error(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
-        kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}[
-            types[name] if isinstance(types[name], str) else types[name].__name__]
+        kind = types[name]
         try:
-            overrides[name] = kind(value)
+            overrides[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
         except ValueError:
-            parser.error(f"--set {item!r}: {value!r} is not a valid {types[name]}")
+            parser.error(f"--set {item!r}: {value!r} is not a valid {kind.__name__}")
     return overrides
 
 
@@ -175,17 +173,23 @@ def evaluate(model, data, split, device, seed=0):
 # Checkpoints: written atomically, loadable with weights_only=True
 # ------------------------------------------------------------------------------------------------
 
-def save_checkpoint(path, **state):
+def atomic_write(path, write):
+    """write(tmp_path) into a temporary file beside path, then rename it over path: a crash
+    leaves the previous file intact and never a half-written one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)     # a crash leaves the previous checkpoint intact
+        write(tmp)
+        os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(path, **state):
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path):
@@ -196,14 +200,17 @@ def load_checkpoint(path):
 
 
 def rng_state(np_rng):
-    return {"torch": torch.get_rng_state(), "numpy": json.dumps(np_rng.bit_generator.state), "python": json.dumps(random.getstate())}
+    state = {"torch": torch.get_rng_state(), "numpy": json.dumps(np_rng.bit_generator.state)}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state, np_rng):
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
     np_rng.bit_generator.state = json.loads(state["numpy"])
-    py = json.loads(state["python"])
-    random.setstate((py[0], tuple(py[1]), py[2]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -256,10 +263,7 @@ def format_table(rows, header=("", *METRICS)):
 
 
 def write_json(path, obj):
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
 def main(argv=None):
@@ -284,7 +288,6 @@ def main(argv=None):
     data = datalib.load_dataset(args.data, root=args.data_dir)
     cfg = model_config(args, data)
     torch.manual_seed(args.seed)
-    random.seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
     model = PlanRec(cfg, scm_fn=scm_fn).to(device)
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
