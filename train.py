@@ -34,9 +34,13 @@ METRICS = ("auc", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train and evaluate PlanRec (Zhang et al., TPAMI).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", choices=["ml-1m", "synthetic", "synthetic-ood"], default="ml-1m",
-                   help="dataset: MovieLens-1M, or the synthetic world (IID or with the OOD purchasing-power shift)")
+    p.add_argument("--data", choices=datalib.DATASETS, default="ml-1m",
+                   help="dataset: MovieLens-1M, the synthetic world (IID or with the OOD purchasing-power shift), "
+                        "Amazon-Book (16-core) or any interaction log (see data.py)")
     p.add_argument("--data-dir", default=None, help="folder holding the dataset files (else $PLANREC_DATA, ./data)")
+    p.add_argument("--min-interactions", type=int, default=None, metavar="K",
+                   help="k-core filter: keep users and items with at least K interactions "
+                        "(default: 16 for amazon-book, none otherwise)")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 3 on ml-1m, 10 on synthetic)")
     p.add_argument("--batch-size", type=int, default=4096, help="scored (user, item) pairs per step, positives plus negatives")
     p.add_argument("--negatives", type=int, default=1, help="negatives drawn per positive each epoch")
@@ -77,10 +81,12 @@ def parse_args(argv=None):
             p.error(f"{name} must be at least 1, got {value}")
     if args.negatives < 1 or args.batch_size % (1 + args.negatives):
         p.error(f"--batch-size ({args.batch_size}) must be a multiple of 1 + --negatives ({1 + args.negatives})")
+    if args.min_interactions is not None and args.min_interactions < 0:
+        p.error(f"--min-interactions must be at least 0, got {args.min_interactions}")
     if args.lr <= 0:
         p.error(f"--lr must be positive, got {args.lr}")
     if args.epochs is None:
-        args.epochs = 3 if args.data == "ml-1m" else 10
+        args.epochs = 10 if args.data.startswith("synthetic") else 3
     if args.out is None:
         args.out = f"runs/{args.data}-{args.structure}-seed{args.seed}"
     if args.paper_settings:
@@ -110,6 +116,11 @@ def model_config(args, data):
               dag_reg=not args.no_dag_reg, dependency_reg=not args.no_dependency_reg)
     kw.update(args.config_overrides)
     return Config(**kw)
+
+
+def data_options(args):
+    """Keyword arguments of data.load_dataset that come from flags (stored in checkpoints)."""
+    return {} if args.min_interactions is None else {"min_interactions": args.min_interactions}
 
 
 def pick_device(name):
@@ -277,7 +288,7 @@ def main(argv=None):
 
     if args.eval_only:
         ckpt = load_checkpoint(args.checkpoint)
-        data = datalib.load_dataset(ckpt["data"], root=args.data_dir)
+        data = datalib.load_dataset(ckpt["data"], root=args.data_dir, **ckpt.get("data_options", {}))
         model = PlanRec(Config(**ckpt["config"]), scm_fn=scm_fn).to(device)
         model.load_state_dict(ckpt["model"])
         results = {split: evaluate(model, data, split, device, seed=ckpt["seed"]) for split in ("valid", "test")}
@@ -285,7 +296,7 @@ def main(argv=None):
         print(json.dumps(results))
         return results
 
-    data = datalib.load_dataset(args.data, root=args.data_dir)
+    data = datalib.load_dataset(args.data, root=args.data_dir, **data_options(args))
     cfg = model_config(args, data)
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
@@ -327,7 +338,7 @@ def main(argv=None):
         else:
             bad_epochs += 1
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=cfg.to_dict(),
-                     data=args.data, seed=args.seed, epoch=epoch, rng=rng_state(np_rng),
+                     data=args.data, data_options=data_options(args), seed=args.seed, epoch=epoch, rng=rng_state(np_rng),
                      history=json.dumps(history), best=json.dumps(best), bad_epochs=bad_epochs)
         if improved:
             save_checkpoint(best_path, **state)
