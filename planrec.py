@@ -28,11 +28,19 @@ class Config:
     n_items: int = 3706
     embed_dim: int = 16            # paper: 8; ours 16, measured better on ML-1M (RESULTS.md)
     history_len: int = 50          # paper: "the last 50 clicked items"
+    # q_phi's first component. "paper": section 3.1 as written, two-layer self-attention over
+    # [history ; target] (every token attends to every token), one FC layer on the last output
+    # embedding. "target_attention" (our choice, the default): history tokens attend to the
+    # history only, so the history half is computed once per row and shared by all its candidates,
+    # and the FC layer also reads an FM-style product of the history summary and the target.
+    # The paper allows "any neural architecture that evolves interactions of the user and the
+    # target item" here (section 2.3).
+    encoder: str = "target_attention"
     n_layers: int = 2              # paper: "a two-layer self-attention network"
     n_heads: int = 1               # our choice (embeddings this narrow leave little to split)
     ffn_dim: int = 32              # our choice
     n_factors: int = 8             # N, our choice
-    n_user_factors: int = 4        # N_u, our choice: names factors 0..N_u-1 user-side for analysis; the model treats all alike
+    n_user_factors: int = 4        # N_u, our choice: factors 0..N_u-1 are user-side, the rest item-side
     factor_dim: int = 8            # d, our choice
     g_hidden: int = 16             # hidden width of each factor's g_vartheta MLP, our choice
     head_hidden: int = 32          # hidden width of MLP_R, MLP_R*, MLP_mask and the decoder, our choice
@@ -41,6 +49,10 @@ class Config:
     n_mask_samples: int = 8        # N_m, paper: 8 on MovieLens (Table 3)
     k_A: int = 28                  # top-K of the dependency mask: half of the N(N-1) off-diagonal entries, our choice
     k_e: int = 6                   # top-K of the factor mask: 6 of 8 factors kept, our choice
+    # u in Eq. (11). "id" (paper: "the embedding of user u"); "id+history" (our choice, the
+    # default): the ID embedding plus the encoder's target-independent history summary, so that a
+    # user's mask can follow what the history shows.
+    mask_input: str = "id+history"
     prior_scale: float = 1.0       # b0 of the prior N(0, b0^2 I), our choice
     dag_alpha: float = 0.0         # alpha of Eq. (10); 0 means 1/N, our choice
     # Loss weights of Eq. (18). The paper weighs every term 1; ours weigh the regularizers 0.1,
@@ -53,18 +65,34 @@ class Config:
     # Ablation switches (paper Tables 7 and 8). structure: 'none' is the VAE base, 'shared' is
     # +SSL, 'personalized' is +PSL (with n_mask_samples=1) or the full model (n_mask_samples>1).
     structure: str = "personalized"
-    # What MLP_R and MLP_R* read: "e_hat" is Eq. (15) as written; "both" also gives them the
-    # endogenous factors e (e* for MLP_R*) that e-hat was computed from. Our choice, see README.
-    predict_from: str = "both"
+    # What MLP_R and MLP_R* read. "e_hat" is Eq. (15) as written (the default: the structure is the
+    # bottleneck of every prediction). "both" (our option) also gives them the endogenous factors
+    # e (e* for MLP_R*) that e-hat was computed from, so a factor without parents still reaches the
+    # prediction, but the shared prediction then needs neither A nor g (e carries all of z).
+    predict_from: str = "e_hat"
     reconstruction_reg: bool = True   # RecR: reconstruct (u, i) from e-hat instead of z
     dag_reg: bool = True              # AcyR: Eq. (10)
     dependency_reg: bool = True       # DepR: Eq. (9)
+    # Blocked dependencies (paper Table 6): a comma-separated subset of u2u,u2i,i2u,i2i (u2i = from
+    # user-side to item-side factors). Those blocks of A are exactly zero and never in a mask.
+    # "i2u" alone is the direction prior "user factors cause item factors, not the reverse".
+    drop_dependencies: str = ""
+    # Disentanglement with prior (section 2.3, Table 5): which attributes are tied to factors, one
+    # "side.name:kind:size" entry each (kind: class, multilabel or regression), in factor order per
+    # side; train.py fills this from the data for --attribute-prior. Factor k of a side is tied to
+    # that side's k-th entry; a small linear predictor on z_k learns the attribute (our choice).
+    tied_attributes: tuple = ()
+    w_attribute: float = 0.1       # weight of the attribute losses in Eq. (18), our choice
 
     def __post_init__(self):
         if self.structure not in ("none", "shared", "personalized"):
             raise ValueError(f"structure must be 'none', 'shared' or 'personalized', got {self.structure!r}")
         if self.predict_from not in ("e_hat", "both"):
             raise ValueError(f"predict_from must be 'e_hat' or 'both', got {self.predict_from!r}")
+        if self.encoder not in ("paper", "target_attention"):
+            raise ValueError(f"encoder must be 'paper' or 'target_attention', got {self.encoder!r}")
+        if self.mask_input not in ("id", "id+history"):
+            raise ValueError(f"mask_input must be 'id' or 'id+history', got {self.mask_input!r}")
         if not 0 < self.n_user_factors < self.n_factors:
             raise ValueError(f"n_user_factors must be in 1..n_factors-1, got {self.n_user_factors}")
         if not 1 <= self.k_A <= self.n_factors * (self.n_factors - 1):
@@ -75,14 +103,109 @@ class Config:
             raise ValueError(f"need n_mask_samples >= 1, tau > 0 and beta > 0; got {self.n_mask_samples}, {self.tau}, {self.beta}")
         if self.embed_dim % self.n_heads:
             raise ValueError(f"embed_dim {self.embed_dim} must be divisible by n_heads {self.n_heads}")
+        self.tied_attributes = tuple(self.tied_attributes)
+        if self.structure != "none" and not dependency_support(self).any():     # also rejects unknown blocks
+            raise ValueError(f"drop_dependencies={self.drop_dependencies!r} leaves no dependency to learn")
+        specs = [parse_attribute(s) for s in self.tied_attributes]
+        n_user = sum(side == "user" for side, *_ in specs)
+        if n_user > self.n_user_factors or len(specs) - n_user > self.n_factors - self.n_user_factors:
+            raise ValueError(f"{n_user} user and {len(specs) - n_user} item attributes are tied, but there are "
+                             f"{self.n_user_factors} user-side and {self.n_factors - self.n_user_factors} item-side factors")
 
     def to_dict(self):
         return asdict(self)
 
 
-# Where our defaults above depart from what the paper states, the paper's values
-# (train.py --paper-settings applies them, with the paper's Adagrad optimizer).
-PAPER_SETTINGS = dict(embed_dim=8, predict_from="e_hat", w_reconstruct=1.0, w_kl=1.0, w_struct=1.0, w_dag=1.0)
+# Where our defaults above depart from what the paper states (section 3.1), the paper's values;
+# train.py --paper-settings applies them with the paper's optimizer (Adagrad, lr 0.01, batch 4096).
+PAPER_SETTINGS = dict(embed_dim=8, encoder="paper", mask_input="id", predict_from="e_hat",
+                      w_reconstruct=1.0, w_kl=1.0, w_struct=1.0, w_dag=1.0)
+# What the paper leaves open, so every run's values of these are ours (train.py prints them).
+OUR_CHOICES = ("n_factors", "n_user_factors", "factor_dim", "g_hidden", "head_hidden", "n_heads", "ffn_dim",
+               "k_A", "k_e", "prior_scale", "dag_alpha", "w_attribute")
+
+# Named ablations (paper Tables 6-8): Config overrides that train.py (--preset), the tests and
+# RESULTS.md all refer to by these names. Table 8's regularizer rows add RecR, AcyR, DepR in turn
+# onto PlanRec without regularizers; with all three it is "full".
+PRESETS = {
+    "vae_base": dict(structure="none"),                                   # Table 7: VAE
+    "ssl": dict(structure="shared"),                                      # Table 7: +SSL
+    "psl": dict(structure="personalized", n_mask_samples=1),              # Table 7: +PSL (N_m = 1)
+    "full": dict(structure="personalized"),                               # Table 7: +Uncer, PlanRec
+    "no_regs": dict(reconstruction_reg=False, dag_reg=False, dependency_reg=False),   # Table 8: Base
+    "recr": dict(dag_reg=False, dependency_reg=False),                    # Table 8: +RecR
+    "recr_acyr": dict(dependency_reg=False),                              # Table 8: +AcyR
+    "no_reconstruction_reg": dict(reconstruction_reg=False),
+    "no_dag_reg": dict(dag_reg=False),
+    "no_dependency_reg": dict(dependency_reg=False),
+    "ssl_no_regs": dict(structure="shared", reconstruction_reg=False, dag_reg=False, dependency_reg=False),
+    "vae_base_regs_off": dict(structure="none", reconstruction_reg=False, dag_reg=False, dependency_reg=False),
+    "no_u2i": dict(drop_dependencies="u2i,i2u"),                          # Table 6: w/o u2i
+    "no_u2u_i2i": dict(drop_dependencies="u2u,i2i"),                      # Table 6: w/o u2u & i2i
+    "direction_prior": dict(drop_dependencies="i2u"),                     # user -> item only (ours)
+    "heads_on_e_and_e_hat": dict(predict_from="both"),                    # our option, see Config
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Factors: which side each is on, which attribute it is tied to, which dependencies are allowed
+# ------------------------------------------------------------------------------------------------
+
+DEPENDENCY_BLOCKS = ("u2u", "u2i", "i2u", "i2i")
+ATTRIBUTE_KINDS = ("class", "multilabel", "regression")
+
+
+def dependency_blocks(text):
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in DEPENDENCY_BLOCKS]
+    if unknown:
+        raise ValueError(f"drop_dependencies: unknown block(s) {unknown}; use a comma-separated subset of "
+                         f"{','.join(DEPENDENCY_BLOCKS)}")
+    return set(names)
+
+
+def dependency_support(cfg):
+    """[N, N] bool: the entries of A the model may use (A[i, j] = effect of factor i on factor j):
+    off-diagonal, and outside every dropped block."""
+    N, Nu = cfg.n_factors, cfg.n_user_factors
+    user = torch.arange(N) < Nu
+    allowed = ~torch.eye(N, dtype=torch.bool)
+    sides = {"u2u": (user, user), "u2i": (user, ~user), "i2u": (~user, user), "i2i": (~user, ~user)}
+    for block in dependency_blocks(cfg.drop_dependencies):
+        parent, child = sides[block]
+        allowed &= ~(parent[:, None] & child[None, :])
+    return allowed
+
+
+def parse_attribute(spec):
+    """'user.gender:class:2' -> ('user', 'gender', 'class', 2)."""
+    try:
+        name, kind, size = spec.split(":")
+        side, attribute = name.split(".", 1)
+        size = int(size)
+    except ValueError:
+        raise ValueError(f"tied attribute {spec!r}: expected 'side.name:kind:size'") from None
+    if side not in ("user", "item") or kind not in ATTRIBUTE_KINDS or size < 1:
+        raise ValueError(f"tied attribute {spec!r}: side must be user or item, kind one of {ATTRIBUTE_KINDS}, size >= 1")
+    return side, attribute, kind, size
+
+
+def tied_factor_index(cfg):
+    """The factor each entry of cfg.tied_attributes is tied to (user entries from factor 0, item
+    entries from factor N_u, each side in its listed order)."""
+    index, next_free = [], {"user": 0, "item": cfg.n_user_factors}
+    for side, *_ in map(parse_attribute, cfg.tied_attributes):
+        index.append(next_free[side])
+        next_free[side] += 1
+    return index
+
+
+def factor_names(cfg):
+    """Tied factors are named after their attribute ('user.gender'), the others user_k / item_k."""
+    names = [f"user_{k}" if k < cfg.n_user_factors else f"item_{k}" for k in range(cfg.n_factors)]
+    for k, (side, attribute, *_) in zip(tied_factor_index(cfg), map(parse_attribute, cfg.tied_attributes)):
+        names[k] = f"{side}.{attribute}"
+    return names
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,6 +222,17 @@ def dag_penalty(A, alpha=None):
     eye = torch.eye(n, dtype=A.dtype, device=A.device)
     M = torch.linalg.matrix_power(eye + alpha * A * A, n)
     return torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) - n
+
+
+# |A| below this counts as no edge when we ask whether a learned A is a DAG (our choice: A's
+# entries are of order 0.1-1 after training, and L_dag rarely reaches exactly zero).
+EDGE_THRESHOLD = 0.05
+
+
+def is_acyclic(A, threshold=EDGE_THRESHOLD):
+    """Whether the graph {i -> j : |A[i, j]| > threshold} has no cycle (its adjacency is nilpotent)."""
+    adjacency = (A.detach().abs() > threshold).double()
+    return bool(torch.linalg.matrix_power(adjacency, A.shape[-1]).abs().sum() == 0)
 
 
 def gumbel_topk(logits, k, tau=1.0, uniform=None):
@@ -122,6 +256,23 @@ def gumbel_topk(logits, k, tau=1.0, uniform=None):
     return hard + (soft - soft.detach())   # parenthesized: the forward stays exactly 0/1
 
 
+def sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau=1.0, uniform_A=None, uniform_e=None):
+    """Eq. (12) for both masks, n_samples times: mask_A [B, S, N, N] (never on the diagonal),
+    mask_e [B, S, N]. logits_A [B, N, N], logits_e [B, N]; uniform_A [B, S, N, N] and
+    uniform_e [B, S, N] optionally fix the noise."""
+    B, N = logits_e.shape
+    eye = torch.eye(N, dtype=torch.bool, device=logits_A.device)
+    # The mask lives on off-diagonal entries only: a -inf logit is never picked and has zero probability.
+    logits_A = logits_A.masked_fill(eye, float("-inf"))
+    logits_A = logits_A[:, None].expand(B, n_samples, N, N).reshape(B, n_samples, N * N)
+    logits_e = logits_e[:, None].expand(B, n_samples, N)
+    if uniform_A is not None:
+        uniform_A = uniform_A.reshape(B, n_samples, N * N)
+    mask_A = gumbel_topk(logits_A, k_A, tau, uniform_A).reshape(B, n_samples, N, N)
+    mask_e = gumbel_topk(logits_e, k_e, tau, uniform_e)
+    return mask_A, mask_e
+
+
 def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
                      uniform_A=None, uniform_e=None):
     """Eq. (11)-(13): sample n_samples personalized masks and solve the masked SCM for each.
@@ -136,15 +287,7 @@ def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
         raise ValueError(f"k_A must be in 1..N(N-1)={N * (N - 1)}, got {k_A}")
     if not 1 <= k_e <= N:
         raise ValueError(f"k_e must be in 1..N={N}, got {k_e}")
-    eye = torch.eye(N, dtype=torch.bool, device=z.device)
-    # The mask lives on off-diagonal entries only: a -inf logit is never picked and has zero probability.
-    logits_A = logits_A.masked_fill(eye, float("-inf"))
-    logits_A = logits_A[:, None].expand(B, n_samples, N, N).reshape(B, n_samples, N * N)
-    logits_e = logits_e[:, None].expand(B, n_samples, N)
-    if uniform_A is not None:
-        uniform_A = uniform_A.reshape(B, n_samples, N * N)
-    mask_A = gumbel_topk(logits_A, k_A, tau, uniform_A).reshape(B, n_samples, N, N)   # Eq. (12)
-    mask_e = gumbel_topk(logits_e, k_e, tau, uniform_e)                                 # Eq. (12)
+    mask_A, mask_e = sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e)  # Eq. (12)
     # Eq. (13): e* = (I - (M_A * A)^T)^-1 (M_e * z). The masked graph need not be acyclic while
     # training, so this is a general solve, not a triangular one.
     system = torch.eye(N, dtype=z.dtype, device=z.device) - (mask_A * A).transpose(-1, -2)
@@ -157,6 +300,10 @@ def balance(y_shared, y_samples, beta):
 
     y_samples holds the N_m samples in its last dimension. Returns (y, uncertainty) with
     uncertainty = sigmoid(Var / beta), the weight of the shared prediction.
+
+    True to the paper and easy to miss: Var >= 0, so sigmoid(Var / beta) >= 1/2. The shared
+    prediction always keeps at least half the weight, and the personalized one never gets more
+    than half, however certain it is (exactly half when all N_m samples agree).
     """
     mean = y_samples.mean(-1)                         # Eq. (16), Y*_mu
     variance = y_samples.var(-1, unbiased=False)      # Eq. (16), Y*_sigma (population variance)
@@ -166,19 +313,11 @@ def balance(y_shared, y_samples, beta):
 
 
 # ------------------------------------------------------------------------------------------------
-# Section 2.3: the encoder q_phi(z | u, i) (Eq. 2-6, "Implementation Details")
+# Section 2.3: the encoder q_phi(z | u, i) (Eq. (2)-(6), "Implementation Details")
 # ------------------------------------------------------------------------------------------------
 
-class TargetAttentionLayer(nn.Module):
-    """One pre-norm self-attention block over [history ; target].
-
-    Our choice for speed (the paper only says "two-layer self-attention over the behaviour
-    sequence and the target item"): history tokens attend to history tokens only, and the target
-    token attends to history and itself. The history half then does not depend on the target, so
-    it is computed once per history and shared by the positive, its negatives and all 101
-    evaluation candidates. The target token still attends to every history token and to itself
-    at every layer; only the history tokens no longer see the target.
-    """
+class SelfAttentionLayer(nn.Module):
+    """One pre-norm self-attention block: every token attends to every non-padding token."""
 
     def __init__(self, dim, n_heads, ffn_dim):
         super().__init__()
@@ -192,66 +331,170 @@ class TargetAttentionLayer(nn.Module):
     def _heads(self, x):   # [..., T, D] -> [..., H, T, D/H]
         return x.unflatten(-1, (self.n_heads, -1)).transpose(-2, -3)
 
+    def _merge(self, x):   # [..., H, T, D/H] -> [..., T, D]
+        return x.transpose(-2, -3).flatten(-2)
+
+    def forward(self, tokens, keep):
+        """tokens [B, T, D]; keep [B, T] is False at padding (never every token of a row)."""
+        q, k, v = map(self._heads, self.qkv(self.norm_attn(tokens)).chunk(3, -1))
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        tokens = tokens + self.out(self._merge(attended))
+        return tokens + self.ffn(self.norm_ffn(tokens))
+
+
+class TargetAttentionLayer(SelfAttentionLayer):
+    """The same block, but history tokens attend to history tokens only; the target token attends
+    to the history and to itself (our choice for speed, see Config.encoder). The history half then
+    does not depend on the target, so it is computed once per history and shared by the positive,
+    its negatives and all 101 evaluation candidates."""
+
     def forward(self, history, target, history_keep):
-        """history [B, L, D]; target [B, C, D] (C candidates share one history); history_keep [B, L]
-        is False at padding. Every history has at least one real item."""
+        """history [B, L, D]; target [B, C, D] (C candidates share one history); history_keep [B, L]."""
         qh, kh, vh = map(self._heads, self.qkv(self.norm_attn(history)).chunk(3, -1))   # [B, H, L, D/H]
         qt, kt, vt = map(self._heads, self.qkv(self.norm_attn(target)).chunk(3, -1))    # [B, H, C, D/H]
         scale = 1.0 / math.sqrt(qh.shape[-1])
-        # history -> history (fused attention; padding keys masked)
         h = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_keep[:, None, None, :])
-        h = h.transpose(-2, -3).flatten(-2)
         # target -> [history ; itself]
         att_h = (qt @ kh.transpose(-1, -2) * scale).masked_fill(~history_keep[:, None, None, :], float("-inf"))
         att_t = (qt * kt).sum(-1, keepdim=True) * scale                                  # [B, H, C, 1]
         w = torch.cat([att_h, att_t], -1).softmax(-1)
-        t = (w[..., :-1] @ vh + w[..., -1:] * vt).transpose(-2, -3).flatten(-2)
-        history = history + self.out(h)
-        target = target + self.out(t)
+        t = w[..., :-1] @ vh + w[..., -1:] * vt
+        history = history + self.out(self._merge(h))
+        target = target + self.out(self._merge(t))
         history = history + self.ffn(self.norm_ffn(history))
         target = target + self.ffn(self.norm_ffn(target))
         return history, target
 
 
 class Encoder(nn.Module):
-    """q_phi(z | u, i): self-attention over [history ; target], then an FC layer reshaped to N factors."""
+    """q_phi(z | u, i): self-attention over [history ; target], then an FC layer reshaped to N
+    factors (mean and log-variance of each). Config.encoder picks the paper's attention pattern or
+    ours."""
 
     def __init__(self, cfg):
         super().__init__()
         D = cfg.embed_dim
+        self.paper = cfg.encoder == "paper"
         self.position = nn.Parameter(torch.zeros(cfg.history_len + 1, D))
-        self.layers = nn.ModuleList(TargetAttentionLayer(D, cfg.n_heads, cfg.ffn_dim) for _ in range(cfg.n_layers))
+        layer = SelfAttentionLayer if self.paper else TargetAttentionLayer
+        self.layers = nn.ModuleList(layer(D, cfg.n_heads, cfg.ffn_dim) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(D)
-        # Our choice: the FC layer reads the target token's output and an FM-style product of the
-        # history summary with the target embedding, so a dot-product preference (the strongest
-        # signal in next-item data) is linear in its input. The paper allows "any neural
-        # architecture that evolves interactions of the user and the target item" here.
-        self.to_factors = nn.Linear(2 * D, 2 * cfg.n_factors * cfg.factor_dim)   # mean and log-variance
+        # paper: the FC layer reads the last output embedding (the target token's). Ours also reads
+        # an FM-style product of the history summary with the target embedding, so a dot-product
+        # preference (the strongest signal in next-item data) is linear in its input.
+        n_in = D if self.paper else 2 * D
+        self.to_factors = nn.Linear(n_in, 2 * cfg.n_factors * cfg.factor_dim)
         self.n_factors, self.factor_dim = cfg.n_factors, cfg.factor_dim
 
     def forward(self, history_emb, history_pad, target_emb):
         """history_emb [B, L, D]; history_pad [B, L] (True = padding); target_emb [B, C, D].
 
         Returns mean, logvar [B, C, N, d] and a target-independent user summary [B, D]."""
-        L = history_emb.shape[1]
+        B, L, D = history_emb.shape
+        C = target_emb.shape[1]
         h = history_emb + self.position[:L]
         t = target_emb + self.position[L]
         history_keep = ~history_pad
-        for layer in self.layers:
-            h, t = layer(h, t, history_keep)
         keep = history_keep.unsqueeze(-1).to(h.dtype)
-        summary = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1)
-        features = torch.cat([self.norm(t), summary[:, None, :] * target_emb], -1)
+        if self.paper:
+            # [history ; target] per candidate: the history tokens see the target too, so nothing
+            # is shared between a row's candidates.
+            tokens = torch.cat([h[:, None].expand(B, C, L, D), t[:, :, None]], 2).reshape(B * C, L + 1, D)
+            token_keep = torch.cat([history_keep, history_keep.new_ones(B, 1)], 1)
+            token_keep = token_keep[:, None].expand(B, C, L + 1).reshape(B * C, L + 1)
+            for layer in self.layers:
+                tokens = layer(tokens, token_keep)
+            features = self.norm(tokens[:, -1]).reshape(B, C, D)
+            summary = (history_emb * keep).sum(1) / keep.sum(1).clamp(min=1)   # used only by mask_input="id+history"
+        else:
+            for layer in self.layers:
+                h, t = layer(h, t, history_keep)
+            summary = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1)
+            features = torch.cat([self.norm(t), summary[:, None, :] * target_emb], -1)
         stats = self.to_factors(features).unflatten(-1, (2, self.n_factors, self.factor_dim))
         return stats[..., 0, :, :], stats[..., 1, :, :], summary
 
 
+class AttributePredictors(nn.Module):
+    """Disentanglement with prior (section 2.3): one linear predictor per tied attribute, reading
+    only its own factor z_k (classification for unordered values, multi-label for genres,
+    regression for ordered values). Linear is our choice: the factor itself must carry the
+    attribute, not a deep predictor."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.specs = [parse_attribute(s) for s in cfg.tied_attributes]
+        self.factor_index = tied_factor_index(cfg)
+        self.heads = nn.ModuleList(nn.Linear(cfg.factor_dim, size) for *_, size in self.specs)
+
+    def forward(self, z):
+        """z [B, C, N, d] -> {'side.name': predictions [B, C, size]}."""
+        return {f"{side}.{name}": head(z[..., k, :])
+                for (side, name, _, _), k, head in zip(self.specs, self.factor_index, self.heads)}
+
+    def loss(self, predictions, targets):
+        """Mean over the tied attributes of each one's loss. targets: {'side.name': tensor}; user
+        attributes [B] (or [B, K] multi-hot), item attributes [B, C] (or [B, C, K]); regression
+        targets standardized."""
+        losses = []
+        for side, name, kind, _ in self.specs:
+            key = f"{side}.{name}"
+            pred, target = predictions[key], targets[key]
+            if side == "user":                          # one value per row, shared by its candidates
+                target = target[:, None].expand(pred.shape[:2] + target.shape[1:])
+            if kind == "class":
+                losses.append(F.cross_entropy(pred.flatten(0, 1), target.flatten(0, 1).long()))
+            elif kind == "multilabel":
+                losses.append(F.binary_cross_entropy_with_logits(pred, target.to(pred.dtype)))
+            else:
+                losses.append(F.mse_loss(pred.squeeze(-1), target.to(pred.dtype)))
+        return torch.stack(losses).mean()
+
+
 # ------------------------------------------------------------------------------------------------
-# Section 2.4: shared structure learning (Eq. 7-10)
+# Section 2.4: shared structure learning (Eq. (7)-(10))
 # ------------------------------------------------------------------------------------------------
 
+class _ParentMaskedLinear(torch.autograd.Function):
+    """The first layer of every factor's g at once: pre[i, m] = b1[i] + sum_j coef[m, j, i] (e[m, j] @ W1[i, j]).
+
+    Forward builds the parent-masked inputs x[i, m, (j, d)] = coef[m, j, i] e[m, j, d] contiguously
+    and multiplies each child's block by W1[i] (one batched matmul). Backward does the two
+    reductions (over the children for grad e, over d for grad coef) as strided batched matmuls
+    instead of elementwise products with temporaries the size of x: the same numbers, far less
+    memory traffic (issue 12)."""
+
+    @staticmethod
+    def forward(ctx, coef_t, e, w1, b1):
+        """coef_t [N(child), M, N(parent)], e [M, N, d], w1 [N, N*d, H], b1 [N, 1, H] -> [N, M, H]."""
+        N, M, _ = coef_t.shape
+        x = (coef_t[..., None] * e).view(N, M, -1)
+        ctx.save_for_backward(coef_t, e, w1, x)
+        return torch.baddbmm(b1, x, w1)
+
+    @staticmethod
+    def backward(ctx, grad_pre):
+        coef_t, e, w1, x = ctx.saved_tensors
+        N, M, _ = coef_t.shape
+        d = e.shape[-1]
+        grad_coef_t = grad_e = grad_w1 = grad_b1 = None
+        if ctx.needs_input_grad[2]:
+            grad_w1 = torch.bmm(x.transpose(1, 2), grad_pre)
+        if ctx.needs_input_grad[3]:
+            grad_b1 = grad_pre.sum(1, keepdim=True)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+            grad_x = torch.bmm(grad_pre, w1.transpose(1, 2).contiguous())      # [N(child), M, N*d]
+            per_parent = grad_x.view(N, M * N, d).transpose(0, 1)             # [(m, j), child, d], a view
+            if ctx.needs_input_grad[0]:     # sum over d of grad_x * e
+                grad_coef_t = torch.bmm(per_parent, e.reshape(M * N, d, 1)).view(M, N, N).permute(2, 0, 1)
+            if ctx.needs_input_grad[1]:     # sum over children of coef * grad_x
+                grad_e = torch.bmm(coef_t.reshape(N, M * N).t().unsqueeze(1), per_parent).view(M, N, d)
+        return grad_coef_t, grad_e, grad_w1, grad_b1
+
+
 class FactorMLPs(nn.Module):
-    """g_vartheta of Eq. (8) and (14): one small MLP per factor, all N evaluated in one batched matmul.
+    """g_vartheta of Eq. (8) and (14): one small MLP per factor (one hidden layer, our choice), all
+    N evaluated together.
 
     Factor i's MLP reads its parent-masked factors (coefficient[j, i] * e_j for every j, N x d
     numbers) and returns d numbers."""
@@ -268,12 +511,11 @@ class FactorMLPs(nn.Module):
         """coefficient [..., N(parent), N(child)] (A, or a masked A); e [..., N, d] -> e-hat [..., N, d]."""
         N, d = e.shape[-2:]
         batch = torch.broadcast_shapes(coefficient.shape[:-2], e.shape[:-2])
-        # Built child-first, [N(child), ..., N(parent), d], so both layers are plain batched matmuls.
-        parents = coefficient.expand(*batch, N, N).movedim(-1, 0)[..., None] * e[None]
-        x = parents.reshape(N, -1, N * d)
-        h = F.gelu(torch.baddbmm(self.b1, x, self.w1))
-        out = torch.baddbmm(self.b2, h, self.w2)                     # [N, M, d]
-        return out.reshape(N, *batch, d).movedim(0, -2)
+        coef_t = coefficient.expand(*batch, N, N).reshape(-1, N, N).permute(2, 0, 1).contiguous()
+        rows = e.expand(*batch, N, d).reshape(-1, N, d).contiguous()
+        h = F.gelu(_ParentMaskedLinear.apply(coef_t, rows, self.w1, self.b1))     # [N, M, H]
+        out = torch.baddbmm(self.b2, h, self.w2)                                  # [N, M, d]
+        return out.transpose(0, 1).reshape(*batch, N, d)
 
 
 def scm(z, A):
@@ -285,6 +527,11 @@ def scm(z, A):
 
 def mlp(n_in, hidden, n_out):
     return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+
+
+# A logit that Eq. (12) never picks: blocked dependencies get it (finite, unlike the diagonal's
+# -inf, so that the eager function and the Triton kernel treat it alike: exp(-1e4) is 0 in float32).
+NEVER_LOGIT = -1e4
 
 
 # ------------------------------------------------------------------------------------------------
@@ -305,13 +552,21 @@ class PlanRec(nn.Module):
         self.encoder = Encoder(cfg)
         # Decoder p_theta(u, i | z): reconstructs the user and item input representations.
         self.decoder = mlp(N * d, cfg.head_hidden, 2 * D)
-        n_head_in = N * d * (2 if cfg.predict_from == "both" and cfg.structure != "none" else 1)
+        self.heads_read_e = cfg.predict_from == "both" and cfg.structure != "none"
+        n_head_in = N * d * (2 if self.heads_read_e else 1)
         self.predict_shared = mlp(n_head_in, cfg.head_hidden, 1)              # MLP_R
+        if cfg.tied_attributes:
+            self.attributes = AttributePredictors(cfg)
         if cfg.structure != "none":
-            # Our choice: A starts small and random. At exactly zero every A_i * e is zero, e-hat is a
-            # constant, and no gradient reaches the encoder until A has grown.
-            self.dependency_matrix = nn.Parameter(0.1 * torch.randn(N, N))
+            support = dependency_support(cfg)
+            self.register_buffer("support", support.float(), persistent=False)
+            # Our choice: A starts small and random (at exactly zero every A_i * e is zero, e-hat is
+            # a constant, and no gradient reaches the encoder until A has grown). Blocked entries
+            # start at zero and get no gradient (A is used through A * support), so they stay zero.
+            self.dependency_matrix = nn.Parameter(0.1 * torch.randn(N, N) * support)
             self.g = FactorMLPs(N, d, cfg.g_hidden)
+            # The masks can only keep allowed entries: K_A is clipped to how many there are.
+            self.k_A = min(cfg.k_A, int(support.sum()))
         if cfg.structure == "personalized":
             self.user_emb = nn.Embedding(cfg.n_users, D)
             nn.init.normal_(self.user_emb.weight, std=0.1)
@@ -319,81 +574,121 @@ class PlanRec(nn.Module):
             self.mask_mlp = mlp(D, cfg.head_hidden, N * N + N)               # MLP_mask
         self.scm_fn = scm_fn or personalized_scm
 
-    def offdiagonal_A(self):
-        A = self.dependency_matrix
-        return A - torch.diag_embed(torch.diagonal(A))   # zero diagonal: no factor causes itself
-
-    def _head_input(self, e, e_hat):
-        if self.cfg.predict_from == "both" and self.cfg.structure != "none":
-            return torch.cat([e.flatten(-2), e_hat.flatten(-2)], -1)
-        return e_hat.flatten(-2)
+    def shared_A(self):
+        """The A the model uses: zero diagonal (no factor causes itself), zero in dropped blocks."""
+        return self.dependency_matrix * self.support
 
     def forward(self, user, history, items):
         """user [B]; history [B, L] item ids (0 = padding); items [B, C] candidate item ids.
 
-        Returns a dict with 'y' [B, C] (probability of interaction, Eq. 17), 'uncertainty' [B, C]
+        Returns a dict with 'y' [B, C] (probability of interaction, Eq. (17)), 'uncertainty' [B, C]
         (where the personalized branch exists), and the per-candidate loss ingredients."""
-        cfg = self.cfg
-        B, C = items.shape
-        N, d = cfg.n_factors, cfg.factor_dim
+        out = self.encode(history, items)                                   # Eq. (2)-(6)
+        if self.cfg.structure != "none":
+            out.update(self.shared_structure(out["z"]))                      # Eq. (7)-(8)
+        e, e_hat = out.get("e", out["z"]), out.get("e_hat", out["z"])       # VAE base: predict from z
+        out["y_shared"] = self.predict(self.predict_shared, e, e_hat)       # Eq. (15)
+        if self.cfg.structure == "personalized":
+            out.update(self.personalize_and_balance(user, out))            # Eq. (11)-(17)
+        else:
+            out["y"] = out["y_shared"]
+        if self.cfg.tied_attributes:
+            out["attribute_predictions"] = self.attributes(out["z"])        # section 2.3, with prior
+        return out
+
+    def encode(self, history, items):
+        """Eq. (2)-(6): the posterior q_phi(z | u, i) and a sample z of it, with what the decoder
+        must reconstruct."""
         history_pad = history == 0
         history_emb = self.item_emb(history)
         target_emb = self.item_emb(items)
         mean, logvar, summary = self.encoder(history_emb, history_pad, target_emb)
-        # Reparameterized sample while training, the mode at inference (Section 2.4).
+        # Reparameterized sample while training, the mode at inference (section 2.4).
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean   # [B, C, N, d]
-        out = {"mean": mean, "logvar": logvar, "z": z}
-
-        if cfg.structure == "none":          # VAE base: predict from z directly
-            e = e_hat = z
-        else:
-            A = self.offdiagonal_A()
-            e = scm(z, A)                                                   # Eq. (7)
-            e_hat = self.g(A, e)                                            # Eq. (8): A_i * e for each i
-            out["e"], out["e_hat"] = e, e_hat
-        # Y^c and Y*^k are probabilities, not logits (our reading): with beta = 0.002, Eq. (17)
-        # only balances anything on the scale of a probability's variance (at most 1/4); logit
-        # variances would saturate sigmoid(Var / beta) at 1 and silence the personalized branch.
-        y_shared = torch.sigmoid(self.predict_shared(self._head_input(e, e_hat))).squeeze(-1)  # Eq. (15), Y^c [B, C]
-
-        if cfg.structure == "personalized":
-            user_vec = self.user_emb(user) + summary                        # u in Eq. (11), our choice
-            logits = self.mask_mlp(user_vec)                                 # Eq. (11)
-            logits_A, logits_e = logits[:, : N * N].reshape(B, N, N), logits[:, N * N:]
-            A_fixed = A.detach()   # the paper blocks gradients into A in Eq. (13)-(14)
-            # Our choice: the N_m structures are sampled once per (user, history) and shared by all
-            # its candidate items: a personalized structure belongs to the user, and candidates
-            # ranked against each other under the same samples compare fairly. The C candidates'
-            # factors become C*d right-hand-side columns of one solve per sample.
-            z_columns = z.permute(0, 2, 1, 3).reshape(B, N, C * d)
-            e_star, mask_A, mask_e = self.scm_fn(z_columns, A_fixed, logits_A, logits_e, cfg.n_mask_samples,
-                                                 cfg.k_A, cfg.k_e, cfg.tau)              # Eq. (12)-(13)
-            e_star = e_star.reshape(B, -1, N, C, d).transpose(2, 3)                      # [B, S, C, N, d]
-            e_hat_star = self.g((mask_A * A_fixed)[:, :, None],
-                                mask_e[:, :, None, :, None] * e_star)                    # Eq. (14)
-            y_samples = torch.sigmoid(self.predict_personal(self._head_input(e_star, e_hat_star))).squeeze(-1)  # Eq. (15)
-            y, uncertainty = balance(y_shared, y_samples.permute(0, 2, 1), cfg.beta)     # Eq. (16)-(17)
-            out["y"], out["uncertainty"], out["mask_A"], out["mask_e"] = y, uncertainty, mask_A, mask_e
-        else:
-            out["y"] = y_shared
         # What the decoder must reconstruct: the user (mean history embedding) and the item.
         # Detached so the embeddings cannot collapse to make reconstruction free (our choice).
         keep = (~history_pad).unsqueeze(-1).to(history_emb.dtype)
         user_input = (history_emb * keep).sum(1) / keep.sum(1).clamp(min=1)
-        out["recon_target"] = torch.cat([user_input[:, None].expand(B, C, -1), target_emb], -1).detach()
-        out["recon_source"] = e_hat if (cfg.structure != "none" and cfg.reconstruction_reg) else z   # [B, C, N, d]
-        return out
+        B, C = items.shape
+        recon_target = torch.cat([user_input[:, None].expand(B, C, -1), target_emb], -1).detach()
+        return {"mean": mean, "logvar": logvar, "z": z, "summary": summary, "recon_target": recon_target}
 
-    def loss(self, out, labels):
-        """Eq. (18): L = L_R - ELBO + L_struct + L_dag, with each term returned for logging.
+    def shared_structure(self, z):
+        """Eq. (7)-(8) with the shared A."""
+        A = self.shared_A()
+        # Eq. (7): e = (I - A^T)^-1 z
+        e = scm(z, A)
+        # Eq. (8): e-hat_i = g(A_i * e), A_i = the coefficients of every factor on factor i
+        e_hat = self.g(A, e)
+        return {"e": e, "e_hat": e_hat}
 
-        labels [B, C] in {0, 1}."""
+    def predict(self, head, e, e_hat):
+        """Eq. (15): Y = MLP(e-hat), or MLP([e ; e-hat]) with predict_from='both'.
+
+        Y^c and Y*^k are probabilities, not logits (our reading): with beta = 0.002, Eq. (17) only
+        balances anything on the scale of a probability's variance (at most 1/4); logit variances
+        would saturate sigmoid(Var / beta) at 1 and silence the personalized branch."""
+        x = torch.cat([e.flatten(-2), e_hat.flatten(-2)], -1) if self.heads_read_e else e_hat.flatten(-2)
+        return torch.sigmoid(head(x)).squeeze(-1)
+
+    def mask_logits(self, user, summary):
+        """Eq. (11): M-bar^(A), M-bar^(e) = MLP_mask(u), as logits (log M-bar of Eq. (12)).
+
+        Which way the masks point, where the paper contradicts itself: section 2.5 calls each entry
+        of M-bar "to what extent the user does not care" about a factor or dependency, and Fig. 4
+        plots "masking probabilities"; but Eq. (12)-(14) keep the top-K entries of the sampled
+        mask (they become 1) and multiply A and z by it, so a high score keeps an entry. We follow
+        the equations, the only reading that computes: the logits are keep-scores, and the
+        paper's masking probability of an entry is 1 - its keep probability (train.py --export)."""
+        cfg, N = self.cfg, self.cfg.n_factors
+        u = self.user_emb(user) + (summary if cfg.mask_input == "id+history" else 0.0)
+        logits = self.mask_mlp(u)
+        logits_A = logits[:, : N * N].unflatten(-1, (N, N))
+        # blocked dependencies are never kept (the diagonal is handled by personalized_scm)
+        logits_A = torch.where(self.support.bool() | torch.eye(N, dtype=torch.bool, device=u.device),
+                               logits_A, torch.full_like(logits_A, NEVER_LOGIT))
+        return logits_A, logits[:, N * N:]
+
+    def personalize_and_balance(self, user, out):
+        """Eq. (11)-(17): N_m personalized structures, their predictions, and the balance."""
+        cfg = self.cfg
+        z = out["z"]
+        B, C, N, d = z.shape
+        logits_A, logits_e = self.mask_logits(user, out["summary"])                     # Eq. (11)
+        A_fixed = self.shared_A().detach()   # the paper blocks gradients into A in Eq. (13)-(14)
+        # Our choice: the N_m structures are sampled once per (user, history) and shared by all its
+        # candidate items: a personalized structure belongs to the user, and candidates ranked
+        # against each other under the same samples compare fairly. The C candidates' factors
+        # become C*d right-hand-side columns of one solve per sample.
+        z_columns = z.permute(0, 2, 1, 3).reshape(B, N, C * d)
+        # Eq. (12)-(13): M^(A),k, M^(e),k ~ Gumbel top-K;  e*^k = (I - (M^(A),k * A)^T)^-1 (M^(e),k * z)
+        e_star, mask_A, mask_e = self.scm_fn(z_columns, A_fixed, logits_A, logits_e, cfg.n_mask_samples,
+                                             self.k_A, cfg.k_e, cfg.tau)
+        e_star = e_star.unflatten(-1, (C, d)).transpose(2, 3)                            # [B, S, C, N, d]
+        # Eq. (14): e-hat*_i = g((M^(A)_i * A_i) * (M^(e) * e*)). M^(e) scales parent j's whole
+        # input, so it is folded into the coefficients: (M^(A) * A)[j, i] * M^(e)_j.
+        coefficient = mask_A * A_fixed * mask_e[..., :, None]                            # [B, S, N, N]
+        e_hat_star = self.g(coefficient[:, :, None], e_star)                             # [B, S, C, N, d]
+        # Eq. (15): Y*^k = MLP_R*(e-hat*^k)
+        y_samples = self.predict(self.predict_personal, e_star, e_hat_star)              # [B, S, C]
+        # Eq. (16)-(17): Y = Y^c sigma(Var/beta) + mean(Y*) (1 - sigma(Var/beta))
+        y, uncertainty = balance(out["y_shared"], y_samples.permute(0, 2, 1), cfg.beta)
+        return {"y": y, "uncertainty": uncertainty, "mask_A": mask_A, "mask_e": mask_e,
+                "mask_logits_A": logits_A, "mask_logits_e": logits_e}
+
+    def loss(self, out, labels, attribute_targets=None):
+        """Eq. (18): L = L_R - ELBO + L_struct + L_dag (+ the attribute losses of section 2.3 when
+        attributes are tied), with each term returned for logging.
+
+        labels [B, C] in {0, 1}; attribute_targets as AttributePredictors.loss takes them."""
         cfg = self.cfg
         terms = {}
         y = out["y"].clamp(1e-7, 1 - 1e-7)
         terms["recommend"] = F.binary_cross_entropy(y, labels.to(y.dtype))              # Eq. (1)
-        # -ELBO = reconstruction (cosine distance, Section 2.3) + KL(q || N(0, b0^2 I)) (Eq. 6)
-        decoded = self.decoder(out["recon_source"].flatten(-2))
+        # -ELBO = reconstruction (cosine distance, section 2.3) + KL(q || N(0, b0^2 I)) (Eq. (6)).
+        # RecR: the decoder reads e-hat (the structure is part of theta) instead of z.
+        source = out["e_hat"] if (cfg.structure != "none" and cfg.reconstruction_reg) else out["z"]
+        decoded = self.decoder(source.flatten(-2))
         D = cfg.embed_dim
         target = out["recon_target"]
         cos_u = F.cosine_similarity(decoded[..., :D], target[..., :D], dim=-1, eps=1e-6)
@@ -408,15 +703,20 @@ class PlanRec(nn.Module):
         total = cfg.w_recommend * terms["recommend"] + cfg.w_reconstruct * terms["reconstruct"] + cfg.w_kl * terms["kl"]
         if cfg.structure != "none":
             if cfg.dependency_reg:
-                # Our choice: e is detached, so Eq. (9) teaches A and g to reproduce each factor
-                # from its parents without pulling the factors themselves toward what their
-                # parents predict (a root factor's e-hat is a constant, so that pull would
-                # collapse z).
-                terms["struct"] = (out["e_hat"] - out["e"]).pow(2).mean()   # Eq. (9)
+                # Eq. (9): L_struct = ||e-hat - e||^2. As in the paper, e is not detached: the loss
+                # pulls the factors toward what their parents predict as well as teaching A and g
+                # to predict them (detaching e broke training on the synthetic world: test NDCG@10
+                # 0.077, L_struct stuck above 1.5; tests pin the gradient that reaches z).
+                terms["struct"] = (out["e_hat"] - out["e"]).pow(2).mean()
                 total = total + cfg.w_struct * terms["struct"]
             if cfg.dag_reg:
                 alpha = cfg.dag_alpha or None
-                terms["dag"] = dag_penalty(self.offdiagonal_A(), alpha)                    # Eq. (10)
+                terms["dag"] = dag_penalty(self.shared_A(), alpha)                         # Eq. (10)
                 total = total + cfg.w_dag * terms["dag"]
+        if cfg.tied_attributes:
+            if attribute_targets is None:
+                raise ValueError("this model ties factors to attributes: pass attribute_targets to loss()")
+            terms["attribute"] = self.attributes.loss(out["attribute_predictions"], attribute_targets)
+            total = total + cfg.w_attribute * terms["attribute"]
         terms["total"] = total
         return total, terms

@@ -21,7 +21,8 @@ import torch
 from tqdm import tqdm
 
 import data as datalib
-from planrec import PAPER_SETTINGS, Config, PlanRec, personalized_scm as eager_personalized_scm
+import planrec
+from planrec import OUR_CHOICES, PAPER_SETTINGS, PRESETS, Config, PlanRec, personalized_scm as eager_personalized_scm
 
 PAPER_ML1M = {"auc": 0.8545, "recall@5": 0.3998, "recall@10": 0.5625, "ndcg@5": 0.3136, "ndcg@10": 0.3928}
 METRICS = ("auc", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
@@ -41,39 +42,53 @@ def parse_args(argv=None):
     p.add_argument("--min-interactions", type=int, default=None, metavar="K",
                    help="k-core filter: keep users and items with at least K interactions "
                         "(default: 16 for amazon-book, none otherwise)")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 3 on ml-1m, 10 on synthetic)")
-    p.add_argument("--batch-size", type=int, default=4096, help="scored (user, item) pairs per step, positives plus negatives")
+    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 10 on synthetic data, else 3)")
+    p.add_argument("--batch-size", type=int, default=4096, help="scored (user, item) pairs per step, positives plus negatives (paper: 4096)")
     p.add_argument("--negatives", type=int, default=1, help="negatives drawn per positive each epoch")
     p.add_argument("--optimizer", choices=["adagrad", "adam"], default="adam",
                    help="optimizer (paper: adagrad; adam measured better, see RESULTS.md)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (paper: 0.01)")
     p.add_argument("--paper-settings", action="store_true",
-                   help="use the paper's stated values wherever our defaults differ (Adagrad, embedding size 8, "
-                        "unit loss weights, predictions from e-hat alone)")
+                   help="the paper's stated values wherever our defaults differ (section 3.1): Adagrad lr 0.01, "
+                        "embedding size 8, unit loss weights, its encoder, u = the user's ID embedding, heads on e-hat")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named ablation of planrec.PRESETS (paper Tables 6-8); flags below override it")
     p.add_argument("--patience", type=int, default=2, help="epochs without validation NDCG@10 gain before stopping")
     p.add_argument("--seed", type=int, default=0, help="seed of initialization, sampling and evaluation masks")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     p.add_argument("--kernel", choices=["auto", "eager", "triton"], default="auto",
                    help="personalized SCM implementation: auto = Triton on CUDA, eager otherwise")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    # Model and ablation switches (paper Tables 7 and 8)
-    p.add_argument("--structure", choices=["none", "shared", "personalized"], default="personalized",
-                   help="none = VAE base, shared = +SSL, personalized = +PSL (full model with --n-mask-samples > 1)")
-    p.add_argument("--n-mask-samples", type=int, default=Config.n_mask_samples, help="N_m sampled personalized structures")
+    # Model and ablation switches (paper Tables 5-8)
+    p.add_argument("--structure", choices=["none", "shared", "personalized"], default=None,
+                   help="none = VAE base, shared = +SSL, personalized = +PSL (full model with --n-mask-samples > 1); "
+                        "default personalized")
+    p.add_argument("--n-mask-samples", type=int, default=None, help=f"N_m sampled personalized structures (default {Config.n_mask_samples})")
     p.add_argument("--no-reconstruction-reg", action="store_true", help="ablation: reconstruct from z, not e-hat (RecR off)")
     p.add_argument("--no-dag-reg", action="store_true", help="ablation: drop the acyclicity loss, Eq. (10) (AcyR off)")
     p.add_argument("--no-dependency-reg", action="store_true", help="ablation: drop the structural loss, Eq. (9) (DepR off)")
+    p.add_argument("--drop-dependencies", default=None, metavar="LIST",
+                   help="comma-separated subset of u2u,u2i,i2u,i2i: those blocks of A are fixed at zero and never "
+                        "in a mask (Table 6: u2i,i2u and u2u,i2i; i2u alone = user factors cause item factors)")
+    p.add_argument("--attribute-prior", choices=["none", "user", "item", "both"], default="none",
+                   help="disentanglement with prior (section 2.3, Table 5): tie factors to the data's user and/or item attributes")
+    p.add_argument("--tie-private", action="store_true",
+                   help="synthetic data: also tie the private factors (purchasing power, price) from ground_truth.npz")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="override any planrec.Config field, e.g. --set n_factors=6 (repeatable)")
     # Run folder, resuming, evaluation
-    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<structure>-seed<seed>)")
+    p.add_argument("--out", default=None, help="run folder (default: runs/<data>-<preset or structure>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--eval-only", action="store_true", help="only evaluate --checkpoint on the validation and test sets")
     p.add_argument("--checkpoint", default=None, help="checkpoint file for --eval-only")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="with --eval-only: write DIR/structures.npz (shared A, per-user keep probabilities, ...)")
     p.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps (quick tries)")
     args = p.parse_args(argv)
     if args.eval_only and not args.checkpoint:
         p.error("--eval-only needs --checkpoint PATH (a best.pt or last.pt from a run folder)")
+    if args.export and not args.eval_only:
+        p.error("--export needs --eval-only --checkpoint PATH")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file")
     for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--n-mask-samples", args.n_mask_samples)):
@@ -85,13 +100,22 @@ def parse_args(argv=None):
         p.error(f"--min-interactions must be at least 0, got {args.min_interactions}")
     if args.lr <= 0:
         p.error(f"--lr must be positive, got {args.lr}")
+    if args.drop_dependencies is not None:
+        try:
+            planrec.dependency_blocks(args.drop_dependencies)
+        except ValueError as err:
+            p.error(f"--drop-dependencies: {err}")
+    if args.tie_private and not args.data.startswith("synthetic"):
+        p.error("--tie-private needs --data synthetic or synthetic-ood (only the synthetic world knows its private factors)")
+    if args.tie_private and args.attribute_prior == "none":
+        p.error("--tie-private ties the private factors in addition to the others: give --attribute-prior too")
     if args.epochs is None:
         args.epochs = 10 if args.data.startswith("synthetic") else 3
     if args.out is None:
-        args.out = f"runs/{args.data}-{args.structure}-seed{args.seed}"
+        args.out = f"runs/{args.data}-{args.preset or args.structure or 'personalized'}-seed{args.seed}"
     if args.paper_settings:
-        args.optimizer = "adagrad"
-    args.config_overrides = {**(PAPER_SETTINGS if args.paper_settings else {}), **parse_overrides(p, args.set)}
+        args.optimizer, args.lr = "adagrad", 0.01
+    args.config_overrides = parse_overrides(p, args.set)
     return args
 
 
@@ -100,8 +124,9 @@ def parse_overrides(parser, items):
     overrides = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or name not in types:
-            parser.error(f"--set {item!r}: expected NAME=VALUE with NAME one of {', '.join(types)}")
+        if not sep or name not in types or types[name] is tuple:
+            parser.error(f"--set {item!r}: expected NAME=VALUE with NAME one of "
+                         f"{', '.join(n for n, t in types.items() if t is not tuple)}")
         kind = types[name]
         try:
             overrides[name] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
@@ -111,11 +136,30 @@ def parse_overrides(parser, items):
 
 
 def model_config(args, data):
-    kw = dict(n_users=data.n_users, n_items=data.n_items, structure=args.structure,
-              n_mask_samples=args.n_mask_samples, reconstruction_reg=not args.no_reconstruction_reg,
-              dag_reg=not args.no_dag_reg, dependency_reg=not args.no_dependency_reg)
+    """Config from, in increasing priority: our defaults, --paper-settings, --preset, the flags, --set."""
+    kw = dict(n_users=data.n_users, n_items=data.n_items)
+    kw.update(PAPER_SETTINGS if args.paper_settings else {})
+    kw.update(PRESETS[args.preset] if args.preset else {})
+    if args.structure is not None:
+        kw["structure"] = args.structure
+    if args.n_mask_samples is not None:
+        kw["n_mask_samples"] = args.n_mask_samples
+    for flag, name in (("no_reconstruction_reg", "reconstruction_reg"), ("no_dag_reg", "dag_reg"),
+                       ("no_dependency_reg", "dependency_reg")):
+        if getattr(args, flag):
+            kw[name] = False
+    if args.drop_dependencies is not None:
+        kw["drop_dependencies"] = args.drop_dependencies
     kw.update(args.config_overrides)
-    return Config(**kw)
+    if args.attribute_prior != "none":
+        n_user_factors = kw.get("n_user_factors", Config.n_user_factors)
+        n_item_factors = kw.get("n_factors", Config.n_factors) - n_user_factors
+        kw["tied_attributes"] = tied_attributes(data, args.attribute_prior, args.tie_private,
+                                                n_user_factors, n_item_factors)
+    try:
+        return Config(**kw)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
 
 
 def data_options(args):
@@ -148,36 +192,240 @@ def pick_scm(kernel, device):
 
 
 # ------------------------------------------------------------------------------------------------
+# Attributes for the disentanglement prior (section 2.3, Table 5)
+# ------------------------------------------------------------------------------------------------
+
+# Integer attributes are unordered classes, except these, whose codes are ordered bands: they are
+# regressed on (the paper: "regression for attributes with ordered values"). Our choice of which.
+ORDERED_ATTRIBUTES = ("age", "power", "price")
+
+
+def attribute_tables(data, tie_private=False):
+    """{'user.name': [n_users(, K)] array, 'item.name': [n_items + 1(, K)] array} of what the data
+    knows; with tie_private, the synthetic world's latent purchasing power and price levels too."""
+    tables = {f"user.{k}": np.asarray(v) for k, v in data.user_attrs.items()}
+    tables.update({f"item.{k}": np.asarray(v) for k, v in data.item_attrs.items()})
+    if tie_private:
+        truth = datalib.load_ground_truth(data.folder)
+        tables["user.power"] = truth["user_power"][data.raw_user_ids - 1]
+        price = np.zeros(data.n_items + 1, dtype=np.int64)
+        price[1:] = truth["item_price"][data.raw_item_ids[1:] - 1]
+        tables["item.price"] = price
+    return tables
+
+
+def attribute_kind(name, table):
+    """('class' | 'multilabel' | 'regression', size) of one attribute table."""
+    if table.ndim == 2:
+        return "multilabel", table.shape[1]
+    if np.issubdtype(table.dtype, np.integer) and name.split(".", 1)[1] not in ORDERED_ATTRIBUTES:
+        return "class", int(table.max()) + 1
+    return "regression", 1
+
+
+def tied_attributes(data, prior, tie_private, n_user_factors, n_item_factors):
+    """Config.tied_attributes for --attribute-prior: every attribute of the chosen sides, in the
+    data's order, while the side has factors left."""
+    tables = attribute_tables(data, tie_private)
+    specs = []
+    for side, room in (("user", n_user_factors), ("item", n_item_factors)):
+        if prior not in (side, "both"):
+            continue
+        names = [name for name in tables if name.startswith(side + ".")]
+        if not names:
+            sys.exit(f"error: --attribute-prior {prior}: the {data.name} data has no {side} attributes")
+        if len(names) > room:
+            print(f"note: {len(names)} {side} attributes but {room} {side}-side factors: tying {names[:room]}")
+        specs += [f"{name}:{kind}:{size}" for name in names[:room] for kind, size in [attribute_kind(name, tables[name])]]
+    return tuple(specs)
+
+
+class AttributeTargets:
+    """The targets of the tied attributes for a batch: user attributes per row, item attributes
+    per candidate; regression targets standardized with the table's mean and standard deviation
+    (items without the padding row)."""
+
+    def __init__(self, data, cfg, device, tie_private=False):
+        tables = attribute_tables(data, tie_private)
+        self.tables, self.scale = {}, {}
+        for spec in cfg.tied_attributes:
+            side, name, kind, _ = planrec.parse_attribute(spec)
+            key = f"{side}.{name}"
+            table = tables[key].astype(np.float32 if kind != "class" else np.int64)
+            if kind == "regression":
+                values = table[1:] if side == "item" else table
+                mean, std = float(values.mean()), float(values.std()) or 1.0
+                table = (table - mean) / std
+                self.scale[key] = (mean, std)
+            self.tables[key] = torch.as_tensor(table, device=device)
+
+    def __call__(self, user, items):
+        return {key: table[user] if key.startswith("user.") else table[items] for key, table in self.tables.items()}
+
+
+def attribute_metrics(cfg, predictions, targets, scale):
+    """Per tied attribute on one split: accuracy (classes; with the majority-class rate beside it),
+    per-label accuracy (multi-label), RMSE in the attribute's own units (regression; with the
+    RMSE of predicting the mean beside it). predictions/targets: {'side.name': [n, ...] arrays}."""
+    metrics = {}
+    for spec in cfg.tied_attributes:
+        side, name, kind, _ = planrec.parse_attribute(spec)
+        key = f"{side}.{name}"
+        pred, target = predictions[key], targets[key]
+        if kind == "class":
+            target = target.astype(np.int64)
+            counts = np.bincount(target.reshape(-1))
+            metrics[key] = {"accuracy": float((pred.argmax(-1) == target).mean()),
+                            "majority_rate": float(counts.max() / counts.sum())}
+        elif kind == "multilabel":
+            metrics[key] = {"label_accuracy": float(((pred > 0) == (target > 0.5)).mean()),
+                            "all_zero_accuracy": float((target < 0.5).mean())}
+        else:
+            std = scale[key][1]
+            metrics[key] = {"rmse": float(np.sqrt(((pred[..., 0] - target) ** 2).mean()) * std),
+                            "baseline_rmse": float(np.sqrt(((target - target.mean()) ** 2).mean()) * std)}
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------
 # Evaluation
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def score_split(model, data, split, device, seed=0, users_per_batch=64):
-    """Scores [n_users, 101] of every user's evaluation candidates (column 0 is the positive).
+def run_split(model, data, split, device, seed=0, attributes=None, users_per_batch=64):
+    """One pass over every user's evaluation candidates (column 0 is the positive). Returns numpy
+    arrays: 'scores' [U, 101]; with the personalized branch 'uncertainty' [U, 101],
+    'distinct_masks' [U], 'mask_on_shared_support' [U], 'mask_logits_A' [U, N, N],
+    'mask_logits_e' [U, N]; with tied attributes 'attribute.<side.name>' predictions and
+    'target.<side.name>' (user attributes per candidate, so both are [U, 101, ...]).
 
     The personalized masks are sampled from a fixed seed so that evaluation is repeatable."""
     users, history, candidates = data.eval_split(split)
     model.eval()
-    scores = np.empty(candidates.shape, dtype=np.float32)
-    uncertainty = []
+    parts = {}
+    support = None
+    if model.cfg.structure == "personalized":
+        # the K_A entries of the shared A with the largest magnitude (among the allowed ones)
+        magnitude = model.shared_A().abs().flatten()
+        support = torch.zeros_like(magnitude).scatter_(0, magnitude.topk(model.k_A).indices, 1.0).view_as(model.shared_A())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(users), users_per_batch):
             sl = slice(start, start + users_per_batch)
-            out = model(torch.as_tensor(users[sl], device=device), torch.as_tensor(history[sl], device=device),
-                        torch.as_tensor(candidates[sl], device=device))
-            scores[sl] = out["y"].float().cpu().numpy()
-            if "uncertainty" in out:
-                uncertainty.append(out["uncertainty"][:, 0].float().cpu().numpy())
-    return scores, (np.concatenate(uncertainty) if uncertainty else None)
+            user, items = torch.as_tensor(users[sl], device=device), torch.as_tensor(candidates[sl], device=device)
+            out = model(user, torch.as_tensor(history[sl], device=device), items)
+            batch = {"scores": out["y"]}
+            if support is not None:
+                mask_A, mask_e = out["mask_A"], out["mask_e"]
+                batch["uncertainty"] = out["uncertainty"]
+                batch["distinct_masks"] = distinct_masks(mask_A, mask_e)
+                batch["mask_on_shared_support"] = (mask_A * support).sum((1, 2, 3)) / mask_A.sum((1, 2, 3))
+                batch["mask_logits_A"], batch["mask_logits_e"] = out["mask_logits_A"], out["mask_logits_e"]
+            if attributes is not None:
+                targets = attributes(user, items)
+                for key, prediction in out["attribute_predictions"].items():
+                    batch[f"attribute.{key}"] = prediction
+                    target = targets[key]
+                    if key.startswith("user."):
+                        target = target[:, None].expand(items.shape + target.shape[1:])
+                    batch[f"target.{key}"] = target
+            for name, value in batch.items():
+                parts.setdefault(name, []).append(value.float().cpu().numpy())
+    return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def evaluate(model, data, split, device, seed=0):
-    scores, uncertainty = score_split(model, data, split, device, seed)
-    metrics = datalib.ranking_metrics(scores)
-    if uncertainty is not None:
-        metrics["mean_uncertainty"] = float(uncertainty.mean())
+def distinct_masks(mask_A, mask_e):
+    """[B]: how many distinct (M_A, M_e) pairs there are among each row's N_m samples."""
+    masks = torch.cat([mask_A.flatten(2), mask_e], -1) > 0.5               # [B, S, N*N + N]
+    same = (masks[:, :, None] == masks[:, None, :]).all(-1)                 # [B, S, S]
+    earlier = torch.ones_like(same[0]).tril(-1)                             # s' < s
+    return (~(same & earlier).any(-1)).sum(-1).float()                     # first occurrences
+
+
+def personalization_summary(model, result):
+    """What the personalized branch does on one split (issue: "say what it does")."""
+    uncertainty = result["uncertainty"]
+    A = model.shared_A().detach()
+    alpha = model.cfg.dag_alpha or None
+    return {
+        "uncertainty_mean": float(uncertainty.mean()),
+        "uncertainty_p10": float(np.percentile(uncertainty, 10)),
+        "uncertainty_p50": float(np.percentile(uncertainty, 50)),
+        "uncertainty_p90": float(np.percentile(uncertainty, 90)),
+        "personal_weight_mean": float(1.0 - uncertainty.mean()),   # the weight of mean(Y*) in Eq. (17)
+        "distinct_masks_mean": float(result["distinct_masks"].mean()),
+        "mask_on_shared_support": float(result["mask_on_shared_support"].mean()),
+        "dag": float(planrec.dag_penalty(A, alpha)),
+        "acyclic": planrec.is_acyclic(A),
+        "acyclic_threshold": planrec.EDGE_THRESHOLD,
+    }
+
+
+def evaluate(model, data, split, device, seed=0, attributes=None):
+    result = run_split(model, data, split, device, seed, attributes)
+    metrics = datalib.ranking_metrics(result["scores"])
+    if "uncertainty" in result:
+        metrics["personalization"] = personalization_summary(model, result)
+    if attributes is not None:
+        keys = [k[len("attribute."):] for k in result if k.startswith("attribute.")]
+        metrics["attributes"] = attribute_metrics(model.cfg, {k: result[f"attribute.{k}"] for k in keys},
+                                                  {k: result[f"target.{k}"] for k in keys}, attributes.scale)
     return metrics
+
+
+def short_personalization(p):
+    return (f"uncertainty {p['uncertainty_mean']:.2f} (p10 {p['uncertainty_p10']:.2f}, p90 {p['uncertainty_p90']:.2f}), "
+            f"{p['distinct_masks_mean']:.1f} distinct masks, {100 * p['mask_on_shared_support']:.0f}% on shared support, "
+            f"L_dag {p['dag']:.3g}{' acyclic' if p['acyclic'] else ' cyclic'}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Export of the learned structures
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def export_structures(model, data, device, out_dir, seed=0, draws=256, users_per_batch=256):
+    """Write out_dir/structures.npz: what a reader needs to look at the learned structures.
+
+    shared_A [N, N]          the A the model uses (zero diagonal; A[i, j] = effect of factor i on j)
+    factor_names [N]         tied factors by attribute, the others user_k / item_k
+    user_ids [U]             the dataset's own user ids
+    keep_prob_A [U, N, N]    how often each dependency is kept, over `draws` draws of Eq. (12) from
+    keep_prob_e [U, N]       the user's mask logits (rows sum to K_A and K_e). The paper's "masking
+                             probability" (Fig. 4) is 1 - keep_prob (see PlanRec.mask_logits).
+    mask_logits_A, mask_logits_e   Eq. (11)'s output for the user's test history
+    uncertainty [U]          sigma(Var / beta) averaged over the user's test candidates
+    activeness [U]           the user's training interactions
+    """
+    cfg = model.cfg
+    arrays = {"factor_names": np.array(planrec.factor_names(cfg)), "user_ids": data.raw_user_ids,
+              "activeness": np.bincount(data.train_user, minlength=data.n_users)}
+    if cfg.structure == "none":
+        sys.exit("error: --export: a VAE base (structure none) has no structure to export")
+    arrays["shared_A"] = model.shared_A().detach().cpu().numpy()
+    if cfg.structure == "personalized":
+        result = run_split(model, data, "test", device, seed)
+        logits_A, logits_e = (torch.as_tensor(result[k], device=device) for k in ("mask_logits_A", "mask_logits_e"))
+        keep_A, keep_e = [], []
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(logits_e), users_per_batch):
+                sl = slice(start, start + users_per_batch)
+                mask_A, mask_e = planrec.sample_masks(logits_A[sl], logits_e[sl], draws, model.k_A, cfg.k_e, cfg.tau)
+                keep_A.append(mask_A.mean(1).cpu().numpy())
+                keep_e.append(mask_e.mean(1).cpu().numpy())
+        arrays.update(keep_prob_A=np.concatenate(keep_A), keep_prob_e=np.concatenate(keep_e),
+                      mask_logits_A=result["mask_logits_A"], mask_logits_e=result["mask_logits_e"],
+                      uncertainty=result["uncertainty"].mean(1))
+    path = Path(out_dir) / "structures.npz"
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+    print(f"wrote {path}: " + ", ".join(f"{k} {list(np.shape(v))}" for k, v in arrays.items()))
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +480,7 @@ def make_optimizer(name, params, lr):
     return torch.optim.Adagrad(params, lr=lr) if name == "adagrad" else torch.optim.Adam(params, lr=lr)
 
 
-def train_epoch(model, optimizer, data, args, np_rng, device, epoch):
+def train_epoch(model, optimizer, data, args, np_rng, device, epoch, attributes=None):
     """One pass over every training position; returns the mean of each loss term."""
     model.train()
     positions = args.batch_size // (1 + args.negatives)
@@ -245,11 +493,13 @@ def train_epoch(model, optimizer, data, args, np_rng, device, epoch):
     for step, batch in enumerate(bar):
         if step >= n_steps:
             break
+        user = torch.as_tensor(batch["user"], device=device)
         items = torch.as_tensor(batch["items"], device=device)
         labels = torch.zeros(items.shape, device=device)
         labels[:, 0] = 1.0
-        out = model(torch.as_tensor(batch["user"], device=device), torch.as_tensor(batch["history"], device=device), items)
-        loss, terms = model.loss(out, labels)
+        out = model(user, torch.as_tensor(batch["history"], device=device), items)
+        extra = {"attribute_targets": attributes(user, items)} if attributes is not None else {}
+        loss, terms = model.loss(out, labels, **extra)
         for name, value in terms.items():
             if not torch.isfinite(value):
                 raise FloatingPointError(f"the loss term '{name}' is {value.item()} at epoch {epoch}, step {step}; "
@@ -277,6 +527,42 @@ def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
 
 
+def load_data(name, root, options):
+    """data.load_dataset, with the errors a user can cause (missing files offline, a malformed line)
+    turned into one message."""
+    try:
+        return datalib.load_dataset(name, root=root, **options)
+    except (OSError, RuntimeError, ValueError) as err:
+        sys.exit(f"error: {err}")
+
+
+def load_model(cfg, state, scm_fn, device, source):
+    model = PlanRec(cfg, scm_fn=scm_fn).to(device)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        sys.exit(f"error: {source} does not fit the model of its own config ({first}); "
+                 "was it written by another version of planrec.py?")
+    return model
+
+
+def describe_choices(cfg, args):
+    """Two lines: where this run departs from the paper's stated settings, and our values where the
+    paper is silent."""
+    config = cfg.to_dict()
+    differ = [f"{k}={config[k]!r} (paper {v!r})" for k, v in PAPER_SETTINGS.items() if config[k] != v]
+    if args.optimizer != "adagrad" or args.lr != 0.01:
+        differ.insert(0, f"optimizer {args.optimizer} lr {args.lr} (paper adagrad lr 0.01)")
+    if args.batch_size != 4096:
+        differ.insert(0, f"batch {args.batch_size} (paper 4096)")
+    ours = [f"{k}={config[k]}" for k in OUR_CHOICES] + [
+        "g = one-hidden-layer GELU MLP per factor", "Y^c, Y* are probabilities",
+        "N_m masks shared by a row's candidates", "KL and L_struct averaged over coordinates"]
+    return ("departs from the paper's stated settings: " + (", ".join(differ) or "nowhere") + "\n"
+            "our values where the paper is silent: " + ", ".join(ours))
+
+
 def main(argv=None):
     args = parse_args(argv)
     started = time.time()
@@ -288,19 +574,26 @@ def main(argv=None):
 
     if args.eval_only:
         ckpt = load_checkpoint(args.checkpoint)
-        data = datalib.load_dataset(ckpt["data"], root=args.data_dir, **ckpt.get("data_options", {}))
-        model = PlanRec(Config(**ckpt["config"]), scm_fn=scm_fn).to(device)
-        model.load_state_dict(ckpt["model"])
-        results = {split: evaluate(model, data, split, device, seed=ckpt["seed"]) for split in ("valid", "test")}
+        data = load_data(ckpt["data"], args.data_dir, ckpt.get("data_options", {}))
+        try:
+            cfg = Config(**ckpt["config"])
+        except (TypeError, ValueError) as err:
+            sys.exit(f"error: {args.checkpoint}: its config is not one this planrec.py knows ({err})")
+        model = load_model(cfg, ckpt["model"], scm_fn, device, args.checkpoint)
+        attributes = AttributeTargets(data, cfg, device, ckpt.get("tie_private", False)) if cfg.tied_attributes else None
+        results = {split: evaluate(model, data, split, device, ckpt["seed"], attributes) for split in ("valid", "test")}
         print(format_table([("valid", results["valid"]), ("test", results["test"])]))
         print(json.dumps(results))
+        if args.export:
+            export_structures(model, data, device, args.export, seed=ckpt["seed"])
         return results
 
-    data = datalib.load_dataset(args.data, root=args.data_dir, **data_options(args))
+    data = load_data(args.data, args.data_dir, data_options(args))
     cfg = model_config(args, data)
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
     model = PlanRec(cfg, scm_fn=scm_fn).to(device)
+    attributes = AttributeTargets(data, cfg, device, args.tie_private) if cfg.tied_attributes else None
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
     history, best, start_epoch, bad_epochs = [], None, 1, 0
 
@@ -312,7 +605,8 @@ def main(argv=None):
         if ckpt["config"] != cfg.to_dict():
             sys.exit(f"error: --resume: the flags give a different model than the run in {out_dir}; "
                      "resume with the run's original flags")
-        model.load_state_dict(ckpt["model"])
+        model = load_model(cfg, ckpt["model"], scm_fn, device, last_path)
+        optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], np_rng)
         history, best, bad_epochs = json.loads(ckpt["history"]), json.loads(ckpt["best"]), ckpt["bad_epochs"]
@@ -322,14 +616,21 @@ def main(argv=None):
 
     print(f"PlanRec on {args.data}: {data.n_users} users, {data.n_items} items, "
           f"{len(data.train_user)} training positions; device {device}, kernel {kernel_name}, "
-          f"structure {cfg.structure}, N_m {cfg.n_mask_samples}")
+          f"structure {cfg.structure}, N_m {cfg.n_mask_samples}, heads on {cfg.predict_from}, encoder {cfg.encoder}")
+    print(describe_choices(cfg, args))
+    if cfg.structure != "none":
+        names = planrec.factor_names(cfg)
+        print(f"factors: {', '.join(names)}" + (f"; dropped dependencies {cfg.drop_dependencies}, "
+                                                   f"{int(model.support.sum())} allowed" if cfg.drop_dependencies else ""))
+        if cfg.structure == "personalized" and model.k_A < cfg.k_A:
+            print(f"K_A clipped from {cfg.k_A} to {model.k_A}: only {model.k_A} dependencies are allowed")
     for epoch in range(start_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
             break
         t0 = time.time()
-        losses = train_epoch(model, optimizer, data, args, np_rng, device, epoch)
+        losses = train_epoch(model, optimizer, data, args, np_rng, device, epoch, attributes)
         t1 = time.time()
-        valid = evaluate(model, data, "valid", device, seed=args.seed)
+        valid = evaluate(model, data, "valid", device, args.seed, attributes)
         record = {"epoch": epoch, "loss": losses, "valid": valid, "train_s": t1 - t0, "eval_s": time.time() - t1}
         history.append(record)
         improved = best is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]
@@ -338,20 +639,23 @@ def main(argv=None):
         else:
             bad_epochs += 1
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=cfg.to_dict(),
-                     data=args.data, data_options=data_options(args), seed=args.seed, epoch=epoch, rng=rng_state(np_rng),
-                     history=json.dumps(history), best=json.dumps(best), bad_epochs=bad_epochs)
+                     data=args.data, data_options=data_options(args), tie_private=args.tie_private, seed=args.seed,
+                     epoch=epoch, rng=rng_state(np_rng), history=json.dumps(history), best=json.dumps(best),
+                     bad_epochs=bad_epochs)
         if improved:
             save_checkpoint(best_path, **state)
         save_checkpoint(last_path, **state)
         print(f"epoch {epoch}: loss {losses['total']:.4f} (recommend {losses['recommend']:.4f}) | valid "
               + " ".join(f"{m} {valid[m]:.4f}" for m in METRICS)
               + f" | {record['train_s']:.0f}s train, {record['eval_s']:.0f}s eval" + (" *" if improved else ""))
+        if "personalization" in valid:
+            print("    " + short_personalization(valid["personalization"]))
 
     if not best_path.is_file():
         sys.exit(f"error: no best checkpoint in {out_dir}: nothing was trained (is --epochs lower than the resumed epoch?)")
     ckpt = load_checkpoint(best_path)
     model.load_state_dict(ckpt["model"])
-    test = evaluate(model, data, "test", device, seed=args.seed)
+    test = evaluate(model, data, "test", device, args.seed, attributes)
     popularity = datalib.ranking_metrics(datalib.popularity_scores(data, "test"))
     name = {"none": "VAE base", "shared": "+SSL", "personalized": "PlanRec"}[cfg.structure]
     rows = [(f"{name} ep{ckpt['epoch']}", test), ("popularity", popularity)]
@@ -359,6 +663,10 @@ def main(argv=None):
         rows.insert(1, ("paper", PAPER_ML1M))
     print("\nTest metrics (best validation epoch):")
     print(format_table(rows))
+    if "personalization" in test:
+        print("personalization (test): " + short_personalization(test["personalization"]))
+    for key, values in test.get("attributes", {}).items():
+        print(f"attribute {key} (test): " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     summary = {"args": {k: v for k, v in vars(args).items()}, "config": cfg.to_dict(), "kernel": kernel_name,
                "device": str(device), "best_epoch": ckpt["epoch"], "test": test, "popularity_test": popularity,
                "epochs": history, "wall_s": time.time() - started}

@@ -717,7 +717,7 @@ def test_model_output_shapes(structure, n_mask_samples):
     assert out["mean"].shape == (B, C, N, d) and out["logvar"].shape == (B, C, N, d)
     # z, e, e-hat: one N x d block per candidate (the batch layout, [B, C] or [B*C], is the model's)
     per_candidate = lambda t: t.shape[-2:] == (N, d) and t.numel() == B * C * N * d
-    assert per_candidate(out["z"]) and per_candidate(out["recon_source"])
+    assert per_candidate(out["z"])
     assert out["recon_target"].shape == (B, C, 2 * D)
     if structure != "none":
         assert per_candidate(out["e"]) and per_candidate(out["e_hat"])
