@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -111,3 +113,122 @@ def test_unreadable_checkpoint_says_so(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(SystemExit, match="cannot read checkpoint"):
         train.main(["--eval-only", "--checkpoint", str(bad)])
+
+
+# ------------------------------------------------------------------------------------------------
+# Issue 8: the paper's settings, attribute prior, blocked dependencies, diagnostics, export, errors
+# ------------------------------------------------------------------------------------------------
+
+class FakeData:
+    n_users, n_items, name = 7, 11, "fake"
+    user_attrs = {"gender": np.array([0, 1, 0, 1, 1, 0, 1]), "age": np.arange(7) % 3}
+    item_attrs = {"genres": np.eye(3, dtype=np.float32)[np.arange(12) % 3], "year": np.arange(12, dtype=np.float32)}
+
+
+def test_paper_settings_are_section_3_1():
+    args = train.parse_args(["--paper-settings"])
+    cfg = train.model_config(args, FakeData)
+    assert (args.optimizer, args.lr, args.batch_size) == ("adagrad", 0.01, 4096)
+    assert (cfg.embed_dim, cfg.encoder, cfg.mask_input, cfg.predict_from) == (8, "paper", "id", "e_hat")
+    assert cfg.w_reconstruct == cfg.w_kl == cfg.w_struct == cfg.w_dag == 1.0
+    line = train.describe_choices(cfg, args)
+    assert "nowhere" in line.splitlines()[0] and "k_A=28" in line
+    # the default departs, and says where
+    args = train.parse_args([])
+    cfg = train.model_config(args, FakeData)
+    assert cfg.predict_from == "e_hat" and "optimizer adam" in train.describe_choices(cfg, args)
+
+
+def test_presets_and_flags_compose():
+    cfg = train.model_config(train.parse_args(["--preset", "vae_base"]), FakeData)
+    assert cfg.structure == "none"
+    cfg = train.model_config(train.parse_args(["--preset", "no_u2i", "--no-dag-reg"]), FakeData)
+    assert cfg.drop_dependencies == "u2i,i2u" and not cfg.dag_reg
+    cfg = train.model_config(train.parse_args(["--preset", "vae_base", "--structure", "shared"]), FakeData)
+    assert cfg.structure == "shared"
+
+
+def test_attribute_prior_ties_attributes_by_kind():
+    cfg = train.model_config(train.parse_args(["--attribute-prior", "both"]), FakeData)
+    assert cfg.tied_attributes == ("user.gender:class:2", "user.age:regression:1",
+                                   "item.genres:multilabel:3", "item.year:regression:1")
+    cfg = train.model_config(train.parse_args(["--attribute-prior", "item"]), FakeData)
+    assert all(s.startswith("item.") for s in cfg.tied_attributes)
+    targets = train.AttributeTargets(FakeData, cfg, torch.device("cpu"))
+    year = targets.tables["item.year"][1:]
+    assert abs(float(year.mean())) < 1e-6 and abs(float(year.std(unbiased=False)) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--drop-dependencies", "u2i,x2y"], "unknown block"),
+    (["--tie-private"], "--tie-private needs --data synthetic"),
+    (["--data", "synthetic", "--tie-private"], "give --attribute-prior"),
+    (["--export", "x"], "--export needs --eval-only"),
+    (["--preset", "nonsense"], "invalid choice"),
+])
+def test_bad_issue8_flags_say_what_is_wrong(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_attribute_prior_blocked_dependencies_diagnostics_and_export(world, tmp_path):
+    summary = run(world, tmp_path / "run", "--epochs", "1", "--attribute-prior", "both", "--tie-private",
+                  "--drop-dependencies", "i2u", "--set", "n_factors=6", "--set", "n_user_factors=3", "--set", "k_A=20")
+    cfg = planrec.Config(**summary["config"])
+    assert planrec.factor_names(cfg)[:3] == ["user.gender", "user.age", "user.occupation"]
+    assert summary["test"]["attributes"]["user.gender"]["accuracy"] >= 0
+    p = summary["test"]["personalization"]
+    assert set(p) >= {"uncertainty_mean", "uncertainty_p10", "uncertainty_p50", "uncertainty_p90",
+                      "personal_weight_mean", "distinct_masks_mean", "mask_on_shared_support", "dag", "acyclic"}
+    assert 0.5 <= p["uncertainty_p10"] <= p["uncertainty_p50"] <= p["uncertainty_p90"] <= 1
+    assert p["personal_weight_mean"] == pytest.approx(1 - p["uncertainty_mean"])
+    assert 1 <= p["distinct_masks_mean"] <= 3 and 0 <= p["mask_on_shared_support"] <= 1
+    assert "personalization" in summary["epochs"][0]["valid"]
+    results = train.main(["--eval-only", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data-dir", str(world),
+                          "--kernel", "eager", "--export", str(tmp_path / "export")])
+    assert results["test"]["attributes"] == summary["test"]["attributes"]
+    with np.load(tmp_path / "export" / "structures.npz") as f:
+        s = {k: f[k] for k in f.files}
+    U, N = 40, 6
+    support = planrec.dependency_support(cfg).numpy()
+    k_A = min(cfg.k_A, int(support.sum()))            # K_A is clipped to the allowed entries
+    assert s["shared_A"].shape == (N, N) and (s["shared_A"][~support] == 0).all()
+    assert list(s["factor_names"]) == planrec.factor_names(cfg) and len(s["user_ids"]) == U
+    assert s["keep_prob_A"].shape == (U, N, N) and s["keep_prob_e"].shape == (U, N)
+    np.testing.assert_allclose(s["keep_prob_A"].sum((1, 2)), k_A, rtol=1e-5)
+    np.testing.assert_allclose(s["keep_prob_e"].sum(1), cfg.k_e, rtol=1e-5)
+    assert (s["keep_prob_A"][:, ~support] == 0).all()
+    assert s["uncertainty"].shape == (U,) and ((s["uncertainty"] >= 0.5) & (s["uncertainty"] <= 1)).all()
+    assert s["activeness"].sum() > 0 and s["mask_logits_A"].shape == (U, N, N)
+
+
+def test_distinct_masks_counts_first_occurrences():
+    mask_A = torch.zeros(2, 4, 3, 3)
+    mask_e = torch.zeros(2, 4, 3)
+    mask_A[0, 1, 0, 1] = 1          # row 0: samples 0, 2, 3 equal; sample 1 differs -> 2
+    mask_e[1, :, 0] = 1
+    mask_e[1, 2, 1] = 1             # row 1: samples 0, 1, 3 equal, 2 differs -> 2
+    mask_e[1, 3, 2] = 1             # ... and 3 differs too -> 3
+    assert train.distinct_masks(mask_A, mask_e).tolist() == [2.0, 3.0]
+
+
+def test_missing_movielens_offline_is_one_message(tmp_path, monkeypatch):
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(datalib, "_urlopen", offline)
+    monkeypatch.delenv("PLANREC_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--data", "ml-1m", "--data-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")])
+    assert str(exit_info.value.code).startswith("error: ") and "ml-1m" in str(exit_info.value.code).lower()
+
+
+def test_checkpoint_of_another_model_is_one_message(world, tmp_path):
+    run(world, tmp_path / "run", "--epochs", "1")
+    ckpt = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    ckpt["config"]["factor_dim"] = 5                # the weights no longer fit the config
+    torch.save(ckpt, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="does not fit the model"):
+        train.main(["--eval-only", "--checkpoint", str(tmp_path / "other.pt"), "--data-dir", str(world), "--kernel", "eager"])
