@@ -362,7 +362,11 @@ def personalization_summary(model, result):
 
 
 def evaluate(model, data, split, device, seed=0, attributes=None):
-    result = run_split(model, data, split, device, seed, attributes)
+    return summarize_split(model, run_split(model, data, split, device, seed, attributes), attributes)
+
+
+def summarize_split(model, result, attributes=None):
+    """The metrics of one run_split result: ranking metrics, personalization, attributes."""
     metrics = datalib.ranking_metrics(result["scores"])
     if "uncertainty" in result:
         metrics["personalization"] = personalization_summary(model, result)
@@ -418,12 +422,7 @@ def export_structures(model, data, device, out_dir, seed=0, draws=256, users_per
                       mask_logits_A=result["mask_logits_A"], mask_logits_e=result["mask_logits_e"],
                       uncertainty=result["uncertainty"].mean(1))
     path = Path(out_dir) / "structures.npz"
-
-    def write(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-
-    atomic_write(path, write)
+    write_npz(path, arrays)
     print(f"wrote {path}: " + ", ".join(f"{k} {list(np.shape(v))}" for k, v in arrays.items()))
     return path
 
@@ -525,6 +524,13 @@ def format_table(rows, header=("", *METRICS)):
 
 def write_json(path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def write_npz(path, arrays):
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)
 
 
 def load_data(name, root, options):
@@ -655,7 +661,13 @@ def main(argv=None):
         sys.exit(f"error: no best checkpoint in {out_dir}: nothing was trained (is --epochs lower than the resumed epoch?)")
     ckpt = load_checkpoint(best_path)
     model.load_state_dict(ckpt["model"])
-    test = evaluate(model, data, "test", device, args.seed, attributes)
+    result = run_split(model, data, "test", device, args.seed, attributes)
+    test = summarize_split(model, result, attributes)
+    # Per-user scores, for significance tests between runs (experiments.py): users in data order.
+    per_user = {"user_ids": data.raw_user_ids, "scores": result["scores"]}
+    if "uncertainty" in result:
+        per_user["uncertainty"] = result["uncertainty"]
+    write_npz(out_dir / "test_scores.npz", per_user)
     popularity = datalib.ranking_metrics(datalib.popularity_scores(data, "test"))
     name = {"none": "VAE base", "shared": "+SSL", "personalized": "PlanRec"}[cfg.structure]
     rows = [(f"{name} ep{ckpt['epoch']}", test), ("popularity", popularity)]
