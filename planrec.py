@@ -598,7 +598,10 @@ class PlanRec(nn.Module):
 
     def encode(self, history, items):
         """Eq. (2)-(6): the posterior q_phi(z | u, i) and a sample z of it, with what the decoder
-        must reconstruct."""
+        must reconstruct.
+
+        Eq. (2)-(3): p_theta(u, i) = integral of p_theta(u, i | z) p_theta(z) dz, and its posterior
+        p_theta(z | u, i) is intractable, so the encoder q_phi(z | u, i) approximates it (Eq. (4))."""
         history_pad = history == 0
         history_emb = self.item_emb(history)
         target_emb = self.item_emb(items)
@@ -685,6 +688,7 @@ class PlanRec(nn.Module):
         terms = {}
         y = out["y"].clamp(1e-7, 1 - 1e-7)
         terms["recommend"] = F.binary_cross_entropy(y, labels.to(y.dtype))              # Eq. (1)
+        # Eq. (5): log p(u, i) = KL(q || p(z | u, i)) + ELBO >= ELBO, so we minimize
         # -ELBO = reconstruction (cosine distance, section 2.3) + KL(q || N(0, b0^2 I)) (Eq. (6)).
         # RecR: the decoder reads e-hat (the structure is part of theta) instead of z.
         source = out["e_hat"] if (cfg.structure != "none" and cfg.reconstruction_reg) else out["z"]
