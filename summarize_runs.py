@@ -1,7 +1,8 @@
-"""Print the test metrics of finished runs as a Markdown table: `python summarize_runs.py runs/*/`.
+"""Print the test metrics of finished runs as Markdown tables: `python summarize_runs.py runs/*/`.
 
 Runs are grouped by everything in their arguments except the seed and the run folder; each group
-gets one row with the mean and the spread (min-max) over its seeds."""
+gets one row with the mean and the spread (min-max) over its seeds. A second table shows what the
+personalized branch does on the test split (metrics.json's "personalization"), where runs have it."""
 
 import json
 import sys
@@ -10,6 +11,9 @@ from pathlib import Path
 import numpy as np
 
 from train import METRICS
+
+PERSONALIZATION = ("uncertainty_mean", "uncertainty_p10", "uncertainty_p90", "personal_weight_mean",
+                   "distinct_masks_mean", "mask_on_shared_support", "dag")
 
 
 def main(folders):
@@ -33,6 +37,19 @@ def main(folders):
             cells.append(f"{values.mean():.4f}" + (f" ({values.min():.4f}-{values.max():.4f})" if len(runs) > 1 else ""))
         walls = " / ".join(f"{r['wall_s']:.0f}" for r in runs)
         print(f"| {name} | {seeds} | " + " | ".join(cells) + f" | {walls} |")
+    personalized = {key: runs for key, runs in groups.items() if "personalization" in runs[0]["test"]}
+    if personalized:
+        print("\nPersonalization on the test split (mean over seeds; per seed in brackets where it varies):\n")
+        print("| run | " + " | ".join(PERSONALIZATION) + " | acyclic |")
+        print("|---|" + "---|" * (len(PERSONALIZATION) + 1))
+        for key, runs in personalized.items():
+            name = Path(runs[0]["args"]["out"]).name.rsplit("-seed", 1)[0]
+            cells = []
+            for m in PERSONALIZATION:
+                values = np.array([r["test"]["personalization"][m] for r in runs])
+                cells.append(f"{values.mean():.3f}" + (" (" + ", ".join(f"{v:.3f}" for v in values) + ")" if len(runs) > 1 else ""))
+            acyclic = ", ".join("yes" if r["test"]["personalization"]["acyclic"] else "no" for r in runs)
+            print(f"| {name} | " + " | ".join(cells) + f" | {acyclic} |")
 
 
 if __name__ == "__main__":
