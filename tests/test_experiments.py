@@ -1,0 +1,328 @@
+"""experiments.py on tiny synthetic runs (seconds): every table builder, the statistics, the
+structure-recovery metrics, the figures, reuse and resume of run folders."""
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+import data as datalib
+import experiments as ex
+import train
+from test_train import TINY
+
+# The tiny model of test_train.py, without its N_m (the configurations set their own), trained for 2 steps.
+TINY_MODEL = [a for i, a in enumerate(TINY) if "--n-mask-samples" not in TINY[max(i - 1, 0):i + 1]]
+TINY_TRAINING = TINY_MODEL + ["--epochs", "1", "--max-steps", "2"]
+TINY_WORLD = dict(n_users=40, n_items=400, mean_len=12, seed=0)
+SEEDS = ["0", "1"]
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("worlds")
+    for world, options in ex.WORLDS.items():
+        datalib.make_synthetic(root / world, **TINY_WORLD, **options)
+    return root
+
+
+def experiment_argv(worlds, out, *names):
+    return [*names, "--budget", "quick", "--seeds", *SEEDS, "--out", str(out), "--data", "synthetic",
+            "--data-dir", str(worlds / "synthetic"), "--synthetic-dir", str(worlds),
+            "--train-args", " ".join(TINY_TRAINING)]
+
+
+@pytest.fixture(scope="module")
+def everything(worlds, tmp_path_factory):
+    """All experiments once on the tiny worlds (the synthetic world stands in for ML-1M)."""
+    out = tmp_path_factory.mktemp("experiments")
+    ex.main(experiment_argv(worlds, out, "all"))
+    return out
+
+
+def read(out, name):
+    return json.loads((out / f"{name}.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------
+# Statistics
+# ------------------------------------------------------------------------------------------------
+
+def test_permutation_test_identical_inputs_give_p_one():
+    a = np.random.default_rng(0).random(50)
+    assert ex.sign_flip_test(a, a.copy()) == 1.0
+
+
+def test_permutation_test_constant_shift_gives_small_p():
+    a = np.random.default_rng(1).random(40)
+    p = ex.sign_flip_test(a + 0.1, a)
+    assert p == pytest.approx(1 / (1 + ex.MIN_PERMUTATIONS), abs=2e-4)
+    assert ex.sign_flip_test(a, a + 0.1) == p                     # two-sided
+
+
+def test_permutation_test_is_invariant_to_user_order():
+    rng = np.random.default_rng(2)
+    a, b = rng.random(60), rng.random(60) + 0.05
+    order = rng.permutation(60)
+    p = ex.sign_flip_test(a, b, seed=3)
+    assert ex.sign_flip_test(a[order], b[order], seed=3) == p
+    assert 0 < p < 1
+
+
+def test_permutation_test_rejects_unpaired_inputs():
+    with pytest.raises(ValueError, match="paired"):
+        ex.sign_flip_test(np.zeros(3), np.zeros(4))
+
+
+def test_t_distribution_p_values_match_known_values():
+    assert ex.t_test_p(2.0, 10) == pytest.approx(0.07339, abs=1e-4)
+    assert ex.t_test_p(1.959964, 1e7) == pytest.approx(0.05, abs=1e-5)
+    assert ex.t_test_p(0.0, 5) == pytest.approx(1.0)
+    assert 0 < ex.t_test_p(26.17, 6000) < 1e-100                 # the paper's Figure 3 regime
+
+
+def test_correlations_and_welch_test():
+    x = np.arange(20.0)
+    assert ex.correlation(x, 3 * x + 1) == (1.0, 0.0)
+    r, p = ex.correlation(x, np.exp(x / 5) * np.array([1, 1.01] * 10), rank=True)
+    assert r > 0.99 and p < 1e-10
+    assert ex.rankdata([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
+    t, df, p = ex.welch_t_test([1, 2, 3, 4], [1, 2, 3, 4])
+    assert t == 0 and p == pytest.approx(1.0)
+    t, df, p = ex.welch_t_test(np.arange(30) + 10.0, np.arange(30.0))
+    assert t > 0 and p < 1e-3
+
+
+def test_per_user_metrics_average_to_ranking_metrics():
+    scores = np.random.default_rng(4).random((30, 101))
+    scores[:5, 0] = 2.0                                           # some users rank the positive first
+    per_user = ex.per_user_metrics(scores)
+    overall = datalib.ranking_metrics(scores)
+    assert per_user["ndcg@10"].mean() == pytest.approx(overall["ndcg@10"])
+    assert per_user["recall@10"].mean() == pytest.approx(overall["recall@10"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Interest consistency (section 3.3.2)
+# ------------------------------------------------------------------------------------------------
+
+def test_interest_consistency_equal_halves_vs_disjoint_categories():
+    genres = np.zeros((7, 3))
+    genres[[1, 2], 0] = 1          # items 1, 2: genre 0
+    genres[[3, 4], 1] = 1          # items 3, 4: genre 1
+    genres[5, 2] = 1               # item 5: genre 2
+    genres[6, [0, 1]] = 1          # item 6: genres 0 and 1
+    sequences = [[1, 3, 2, 4],     # halves (1, 3) and (2, 4): the same genre distribution
+                 [1, 2, 3, 4],     # genre 0, then genre 1: disjoint
+                 [1, 3, 5, 2, 4, 5],
+                 [6, 1, 3]]        # (6) vs (1, 3): both half genre 0, half genre 1
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])])
+    consistency = ex.interest_consistency(np.concatenate(sequences), offsets, genres)
+    np.testing.assert_allclose(consistency, [1.0, 0.0, 1.0, 1.0], atol=1e-12)
+    partly = ex.interest_consistency(np.array([1, 2, 1, 3]), np.array([0, 4]), genres)
+    assert 0 < partly[0] < 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Structure recovery metrics on hand-made matrices
+# ------------------------------------------------------------------------------------------------
+
+NAMES = ["user.gender", "user.age", "user.occupation", "user_3", "item.genres", "item.year", "item_6", "item_7"]
+
+
+def truth_with(deviation):
+    nodes = np.array(datalib.SYNTHETIC_NODES)
+    adjacency = np.zeros((7, 7), dtype=np.int8)
+    for a, b in datalib.SYNTHETIC_EDGES:
+        adjacency[list(nodes).index(a), list(nodes).index(b)] = 1
+    return {"nodes": nodes, "adjacency": adjacency, "edges": np.array(datalib.SYNTHETIC_EDGES),
+            "user_deviation": np.asarray(deviation)}
+
+
+def test_structure_metrics_on_the_true_and_the_reversed_dag():
+    deviation = np.array([-1, 0, 0, -1, 2, 2, -1, 1])
+    truth = truth_with(deviation)
+    A = np.zeros((8, 8))
+    A[0, 4], A[1, 5] = 1.0, 0.8                       # group -> category, age -> era
+    A[2, 3] = 0.1                                     # a weak edge, under the threshold
+    keep = np.full((8, 8, 8), 0.5)
+    keep[deviation == 0, 0, 4] = 0.1                  # users who dropped group -> category mask it more
+    keep[deviation == 2, 1, 5] = 0.2                  # likewise age -> era
+    m = ex.structure_metrics(A, NAMES, keep, np.arange(1, 9), truth)
+    assert m["edge_auc"] == 1.0 and m["edge_auc_undirected"] == 1.0
+    assert m["shd"] == 0 and m["n_true_edges"] == 2 and m["n_learned_edges"] == 2
+    assert m["deviation_auc"] == 1.0
+    assert m["block_share"]["u2i"] == pytest.approx(1.8 / 1.9)
+
+    reversed_A = A.T.copy()                           # the right pairs, the wrong direction
+    m = ex.structure_metrics(reversed_A, NAMES, np.full((8, 8, 8), 0.5), np.arange(1, 9), truth)
+    assert m["edge_auc"] == 0.5                       # nothing on the user -> item entries
+    assert m["edge_auc_undirected"] == 1.0
+    assert m["shd"] == 2                              # two reversed edges
+    assert m["deviation_auc"] == 0.5                  # identical masks: chance
+    assert m["block_share"]["i2u"] == pytest.approx(1.8 / 1.9)
+
+
+def test_shd_counts_missing_and_extra_edges():
+    truth = truth_with(np.full(8, -1))
+    A = np.zeros((8, 8))
+    A[0, 4] = 1.0                                     # one true edge found, age -> era missing
+    A[2, 5] = 0.9                                     # one edge that is not there
+    m = ex.structure_metrics(A, NAMES, np.full((8, 8, 8), 0.5), np.arange(1, 9), truth)
+    assert m["shd"] == 2 and math.isnan(m["deviation_auc"])   # nobody deviates: no AUC
+    assert 0 < m["edge_auc"] < 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiments end to end on tiny runs
+# ------------------------------------------------------------------------------------------------
+
+def test_list_names_every_experiment(capsys):
+    ex.main(["--list"])
+    out = capsys.readouterr().out
+    assert all(e.name in out for e in ex.EXPERIMENTS) and "Table 2" in out and "Figure 4" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["table9", "--out", "x"], "unknown experiment"),
+    (["table2"], "--out DIR is required"),
+    (["table2", "--out", "x", "--seeds", "0", "0"], "distinct"),
+    (["table2", "--out", "x", "--permutations", "100"], "at least 10000"),
+    (["table2", "--out", "x", "--reuse-run", "ml-1m-planrec=runs/x"], "{seed}"),
+    (["table2", "--out", "x", "--reuse-run", "nonsense=runs/x-{seed}"], "KEY=PATTERN"),
+    (["table2", "--out", "x", "--train-args", "--seed 3"], "may not set"),
+    ([], "at least one experiment"),
+])
+def test_bad_arguments_say_what_is_wrong(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ex.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def check_rows(rows, labels, n_seeds=2):
+    assert [r["label"] for r in rows] == labels
+    for r in rows:
+        for m in ex.METRICS:
+            v = r["metrics"][m]
+            assert 0 <= v["min"] <= v["mean"] <= v["max"] <= 1
+            assert len(v["per_seed"]) == (n_seeds if r["run"] else 1)
+        for other in r["compared_with"]:
+            assert set(r["p_values"][other]) == set(ex.TESTED)
+            assert all(0 < p <= 1 for p in r["p_values"][other].values())
+
+
+def test_table2_rows_p_values_and_csv(everything):
+    numbers = read(everything, "table2")
+    check_rows(numbers["rows"], ["VAE base", "popularity", "PlanRec"])
+    planrec = numbers["rows"][2]
+    assert planrec["compared_with"] == ["VAE base", "popularity"] and planrec["paper"]["ndcg@10"] == 0.3928
+    # the row's metrics are those train.py wrote for the same runs
+    written = [json.loads((everything / "runs" / f"synthetic-planrec-seed{s}" / "metrics.json").read_text())
+               for s in SEEDS]
+    assert planrec["metrics"]["ndcg@10"]["per_seed"] == pytest.approx([w["test"]["ndcg@10"] for w in written])
+    with open(everything / "table2.csv") as f:
+        lines = list(csv.DictReader(f))
+    assert {(l["row"], l["source"], l["compared_with"]) for l in lines} >= {
+        ("PlanRec", "ours", "VAE base"), ("PlanRec", "ours", "popularity"), ("PlanRec", "paper", "best baseline")}
+    assert numbers["budget_flags"]["main"] == ["--epochs", "1", "--max-steps", "60"]
+
+
+def test_tables_3_to_8(everything):
+    check_rows(read(everything, "table3")["rows"], ["N_m = 1", "N_m = 2", "N_m = 4", "N_m = 8"])
+    configs = [json.loads((everything / "runs" / f"synthetic-{k}-seed0" / "metrics.json").read_text())["config"]
+               for k in ("psl", "nm2", "nm4", "planrec")]
+    assert [c["n_mask_samples"] for c in configs] == [1, 2, 4, 8]
+    table4 = read(everything, "table4")
+    check_rows(table4["synthetic"], ["IID Base", "IID PlanRec", "OOD Base", "OOD PlanRec"])
+    check_rows(table4["real"], ["IID Base", "IID PlanRec", "OOD Base", "OOD PlanRec"])
+    assert table4["n_ood"] + table4["n_iid"] == 40 and table4["real"][2]["n_users"] == table4["n_ood"]
+    check_rows(read(everything, "table5")["rows"], ["Base", "Base w. ui", "PlanRec", "PlanRec w. u", "PlanRec w. i",
+                                                    "PlanRec w. ui"])
+    check_rows(read(everything, "table6")["rows"], ["PlanRec", "w/o u2i", "w/o u2u & i2i"])
+    ablations = read(everything, "tables7-8")
+    check_rows(ablations["components"], ["VAE", "+SSL", "+PSL", "+Uncer"])
+    check_rows(ablations["regularizers"], ["Base", "+RecR", "+AcyR", "+DepR"])
+    assert ablations["regularizers"][3]["compared_with"] == ["+AcyR"]
+    for name in ("table3", "table4_synthetic", "table4_real", "table5", "table6", "table7", "table8"):
+        assert (everything / f"{name}.csv").stat().st_size > 0
+
+
+def test_figures_are_written(everything):
+    for name in ("figure3.png", "figure4_structures.png", "figure4_genres.png", "structure_recovery.png"):
+        assert (everything / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    figure3 = read(everything, "figure3")
+    assert len(figure3["per_seed"]) == 2
+    for stats in figure3["per_seed"]:
+        for x in ("consistency", "activeness"):
+            r, p = stats[x]["pearson"]
+            assert -1 <= r <= 1 and 0 <= p <= 1
+    assert figure3["activeness_test"]["n_high"] + figure3["activeness_test"]["n_low"] == 40
+    figure4 = read(everything, "figure4")
+    assert len(figure4["four_users"]) == 4 and "user.gender" in figure4["factor_names"]
+    assert all(-1 <= s["spearman"] <= 1 for s in figure4["per_seed"])
+
+
+def test_structure_recovery_reports_the_main_row_at_top_level(everything):
+    numbers = read(everything, "structure-recovery")
+    rows = {r["row"]: r for r in numbers["rows"]}
+    assert list(rows) == list(ex.SR_ROWS)
+    main = rows["synth-sr-main"]["summary"]
+    for key in ("edge_auc", "shd", "deviation_auc"):
+        assert numbers[key] == pytest.approx(main[key]["mean"])
+    assert 0 <= numbers["edge_auc"] <= 1 and numbers["shd"] >= 0
+    # the i2u prior leaves nothing in the item -> user block; without it there is
+    assert rows["synth-sr-main"]["block_share"]["i2u"] == 0 and rows["synth-sr-no-i2u"]["block_share"]["i2u"] > 0
+    tie_all = json.loads((everything / "runs" / "synth-sr-tie-all-seed0" / "metrics.json").read_text())["args"]
+    assert tie_all["tie_private"] and tie_all["drop_dependencies"] == "i2u" and tie_all["attribute_prior"] == "both"
+    assert set(rows["synth-sr-main"]["per_seed"][0]["tied_factors"]) <= set(ex.FACTOR_NODES)
+    report = (everything / "REPORT.md").read_text()
+    assert "Why heads on e-hat alone invent" in report and "deviation AUC" in report
+
+
+def test_report_has_every_experiment_in_the_paper_order(everything):
+    report = (everything / "REPORT.md").read_text()
+    positions = [report.index(e.title) for e in ex.EXPERIMENTS]
+    assert positions == sorted(positions)
+    assert "--epochs 1 --max-steps 60" in report and "paper" in report
+
+
+def test_finished_runs_are_reused_and_interrupted_ones_resumed(everything, worlds, monkeypatch):
+    calls = []
+    original = train.main
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or original(argv))
+    interrupted = everything / "runs" / "synthetic-vae-seed1"
+    (interrupted / "metrics.json").unlink()
+    ex.main(experiment_argv(worlds, everything, "table2"))
+    assert len(calls) == 1 and "--resume" in calls[0] and str(interrupted) in calls[0]
+    assert (interrupted / "metrics.json").is_file()
+
+
+def test_reuse_run_uses_other_folders_and_checks_the_model(everything, worlds, tmp_path):
+    pattern = str(everything / "runs" / "synthetic-planrec-seed{seed}")
+    out = tmp_path / "reused"
+    argv = experiment_argv(worlds, out, "figure3") + ["--reuse-run", f"synthetic-planrec={pattern}"]
+    ex.main(argv)
+    assert not (out / "runs").exists() and read(out, "figure3")["per_seed"]
+    wrong = str(everything / "runs" / "synthetic-vae-seed{seed}")
+    with pytest.raises(SystemExit, match="another configuration"):
+        ex.main(experiment_argv(worlds, tmp_path / "wrong", "figure3") + ["--reuse-run", f"synthetic-planrec={wrong}"])
+
+
+def test_missing_test_scores_are_regenerated_from_best_pt(everything, worlds):
+    folder = everything / "runs" / "synthetic-planrec-seed0"
+    with np.load(folder / "test_scores.npz") as f:
+        before = {k: f[k] for k in f.files}
+    (folder / "test_scores.npz").unlink()
+    ex.main(experiment_argv(worlds, everything, "figure3"))
+    with np.load(folder / "test_scores.npz") as f:
+        np.testing.assert_array_equal(f["scores"], before["scores"])
+        np.testing.assert_array_equal(f["uncertainty"], before["uncertainty"])
+
+
+def test_plan_lists_runs_without_training(worlds, tmp_path):
+    rows = ex.main(experiment_argv(worlds, tmp_path / "planned", "table2", "--plan"))
+    assert len(rows) == 4 and {state for _, state, _ in rows} == {"new"}
+    assert not (tmp_path / "planned").exists()
