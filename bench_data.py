@@ -1,22 +1,40 @@
 """
-Speed of the data pipeline on MovieLens-1M, and the popularity baseline's metrics.
+Speed of the data pipeline on MovieLens-1M, and the popularity baseline's metrics; or, with
+--amazon-synthetic, speed and peak memory of the Amazon-Book path on a generated file of the real
+one's size and skew.
 
   python bench_data.py --data-dir ../shared/data/ml-1m            # timings
   python bench_data.py --data-dir ../shared/data/ml-1m --popularity  # + popularity metrics
+  python bench_data.py --amazon-synthetic data/amazon-synthetic --cleanup  # Amazon-Book path
 
 Times (a) raw files -> cached arrays (forced rebuild), (b) loading from the cache, (c) one full
 training epoch of batches; prints the median of --repeats runs (other processes share the CPU, so
 single runs are noisy). The cache goes where data.py puts it ($PLANREC_CACHE, else next to the
 data, else ./data/cache).
+
+--amazon-synthetic DIR writes DIR/ratings_Books.csv if absent (in a child process, so that its
+memory does not count): 22.5 million lines user,item,rating,timestamp in the real file's format
+(14-character user ids, 10-character ASIN-like item ids, ratings 1.0-5.0, 10-digit unix times),
+about 8 million users and 2.3 million items with power-law degrees (a random bipartite graph with
+those degree sequences, so some (user, item) pairs repeat). Then it times (a) and (b) once each
+(--repeats) with --min-interactions (default 16) and reports this process's peak resident memory
+(ru_maxrss). DIR should be ignored by git (./data/ is); --cleanup deletes the file and its cache.
 """
 
 import argparse
+import resource
+import shutil
 import statistics
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 import data
+
+AMAZON_SHAPE = {"n_rows": 22_500_000, "n_users": 8_000_000, "n_items": 2_300_000}
 
 
 def timed(fn, repeats):
@@ -35,16 +53,117 @@ def one_epoch(d, batch_size, n_negatives, seed):
     return n
 
 
+def power_law_degrees(n, total, exponent, max_degree, rng):
+    """n degrees >= 1 summing to total: Pareto(exponent) draws floored, capped, rescaled, then
+    nudged one by one at random to hit total exactly."""
+    degrees = np.minimum(np.floor((1 - rng.random(n)) ** (-1 / exponent)), max_degree)
+    degrees = np.maximum(1, np.round(1 + (degrees - 1) * (total - n) / (degrees - 1).sum())).astype(np.int64)
+    gap = total - int(degrees.sum())
+    if gap > 0:  # grow in proportion to the degree: keeps the skew
+        np.add.at(degrees, rng.choice(n, gap, p=degrees / degrees.sum()), 1)
+    while gap < 0:
+        can_shrink = np.flatnonzero(degrees > 1)
+        picked = rng.choice(can_shrink, min(-gap, len(can_shrink)), replace=False)
+        degrees[picked] -= 1
+        gap += len(picked)
+    return degrees
+
+
+def digits(values, width, alphabet=b"0123456789"):
+    """[n] non-negative ints -> [n, width] uint8 ASCII digits in base len(alphabet), most
+    significant first."""
+    symbols, base = np.frombuffer(alphabet, dtype=np.uint8), len(alphabet)
+    return symbols[values[:, None] // base ** np.arange(width - 1, -1, -1, dtype=np.int64) % base]
+
+
+def write_amazon_synthetic(path, n_rows, n_users, n_items, seed=0, chunk=1 << 20):
+    """A ratings_Books.csv look-alike (see the module docstring); every line is 41 bytes."""
+    rng = np.random.default_rng(seed)
+    user_degree = power_law_degrees(n_users, n_rows, 1.5, 50_000, rng)
+    item_degree = power_law_degrees(n_items, n_rows, 1.2, 30_000, rng)
+    user = rng.permutation(np.repeat(np.arange(n_users, dtype=np.int32), user_degree))
+    item = np.repeat(np.arange(n_items, dtype=np.int32), item_degree)  # random pairing via user
+    # Distinct scrambled ids: multiplying by a number coprime to the modulus is a bijection.
+    # Users: 'A' + a digit + 12 base-36 symbols (real ids look like A1..., A2..., A3...); items:
+    # '0' + 9 decimal digits, like the ISBN-10 ASINs of books.
+    scrambled_users = np.arange(n_users, dtype=np.int64) * 1_000_003 % 36 ** 12
+    user_ids = np.concatenate([np.full((n_users, 1), ord("A"), dtype=np.uint8),
+                               digits(np.arange(n_users) % 3 + 1, 1),
+                               digits(scrambled_users, 12, b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")], axis=1)
+    item_ids = np.concatenate([np.full((n_items, 1), ord("0"), dtype=np.uint8),
+                               digits(np.arange(n_items, dtype=np.int64) * 7_919 % 10 ** 9, 9)], axis=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.part")
+    with open(tmp, "wb") as f:
+        for start in range(0, n_rows, chunk):
+            rows = slice(start, min(start + chunk, n_rows))
+            n = rows.stop - rows.start
+            line = np.empty((n, 41), dtype=np.uint8)
+            line[:, 0:14] = user_ids[user[rows]]
+            line[:, 14] = ord(",")
+            line[:, 15:25] = item_ids[item[rows]]
+            line[:, 25] = ord(",")
+            line[:, 26] = ord("1") + rng.integers(0, 5, n)
+            line[:, 27:29] = np.frombuffer(b".0", dtype=np.uint8)
+            line[:, 29] = ord(",")
+            stamps = rng.integers(1_000_000_000, 1_406_000_000, n)  # 2001-09 .. 2014-07
+            line[:, 30:40] = digits(stamps, 10)
+            line[:, 40] = ord("\n")
+            f.write(line.tobytes())
+    tmp.replace(path)
+
+
+def bench_amazon(args):
+    folder = Path(args.amazon_synthetic)
+    source = folder / data.AMAZON_BOOK_FILE
+    if not source.is_file():
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--write-amazon-synthetic", str(source)], check=True)
+        print(f"wrote {source} ({source.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
+    load = lambda rebuild: data.load_dataset("amazon-book", root=folder, seed=args.seed,
+                                             min_interactions=args.min_interactions, rebuild=rebuild)
+    rows = []
+    t, runs, d = timed(lambda: load(True), args.repeats)
+    rows.append((f"(a) raw CSV -> cached arrays (rebuild, {args.min_interactions}-core)", t, runs))
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
+    t, runs, d = timed(lambda: load(False), args.repeats)
+    rows.append(("(b) load from cache", t, runs))
+    print(f"data: {source} ({source.stat().st_size / 1e9:.2f} GB)  {d}")
+    print(f"{'stage':<52} {'median s':>9}   runs (s)")
+    for name, median, runs in rows:
+        print(f"{name:<52} {median:>9.2f}   {', '.join(f'{r:.2f}' for r in runs)}")
+    print(f"peak resident memory of this process after (a): {peak_gb:.2f} GiB")
+    if args.cleanup:
+        source.unlink()
+        for cache in folder.glob("planrec_cache_amazon-book_*.npz"):
+            cache.unlink()
+        if not any(folder.iterdir()):
+            folder.rmdir()
+        print(f"deleted {source} and its cache")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=None, help="folder with ML-1M's three .dat files (or its parent)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--amazon-synthetic", default=None, metavar="DIR",
+                        help="bench the Amazon-Book path on DIR/ratings_Books.csv, generated if absent")
+    parser.add_argument("--min-interactions", type=int, default=16, help="k-core of --amazon-synthetic")
+    parser.add_argument("--cleanup", action="store_true", help="delete the generated file and its cache afterwards")
+    parser.add_argument("--write-amazon-synthetic", default=None, metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=None, help="runs per stage (default 3; 1 with --amazon-synthetic)")
     parser.add_argument("--batch-size", type=int, default=4096)
     parser.add_argument("--negatives", type=int, default=1, help="training negatives per positive")
     parser.add_argument("--seed", type=int, default=0, help="protocol seed (evaluation negatives)")
     parser.add_argument("--popularity", action="store_true", help="also score the popularity baseline")
     parser.add_argument("--no-download", action="store_true")
     args = parser.parse_args()
+    if args.write_amazon_synthetic:
+        return write_amazon_synthetic(args.write_amazon_synthetic, **AMAZON_SHAPE)
+    if args.amazon_synthetic:
+        args.repeats = args.repeats or 1
+        return bench_amazon(args)
+    args.repeats = args.repeats or 3
 
     load = lambda rebuild: data.load_movielens(args.data_dir, download=not args.no_download,
                                                seed=args.seed, rebuild=rebuild)

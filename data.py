@@ -1,7 +1,12 @@
 """
-Data for PlanRec: MovieLens-1M and a synthetic world with known latent structure, turned into
-training batches and ranking-evaluation candidates under the paper's protocol (§3.1), plus the
-ranking metrics and the popularity baseline.
+Data for PlanRec: MovieLens-1M, a synthetic world with known latent structure, Amazon-Book
+(16-core, from the user's copy of the public ratings file) and any interaction log
+(interactions.csv), turned into training batches and ranking-evaluation candidates under the
+paper's protocol (§3.1), plus the ranking metrics and the popularity baseline.
+
+Amazon-Book and interaction logs: repeated (user, item) pairs are dropped keeping the earliest,
+then the maximal k-core is kept (every user and item with at least k interactions; k = 16 for
+Amazon-Book as in the paper), then the protocol below applies unchanged.
 
 Protocol (paper §3.1 "Evaluation Protocol" / "Implementation Details", DIN/NCF-style ranking):
   - every rating is an implicit positive interaction;
@@ -43,7 +48,18 @@ ML1M_AGE_BANDS = ("Under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"
 GENDERS = ("F", "M")  # gender attribute: 0 = F, 1 = M
 MIN_INTERACTIONS = 3  # a user needs a training item, a validation target and a test target
 PROTOCOL_VERSION = 1  # bump whenever the derived arrays change meaning; invalidates every cache
-DATASETS = ("ml-1m", "synthetic", "synthetic-ood")
+DATASETS = ("ml-1m", "synthetic", "synthetic-ood", "amazon-book", "interactions")
+# Amazon-Book: the "ratings only" Books file of the Amazon review data (McAuley et al., 2014
+# release); 22,507,155 lines user,item,rating,timestamp, no header. Not downloadable here and
+# not ours to redistribute: the user supplies it.
+AMAZON_BOOK_FILE = "ratings_Books.csv"
+AMAZON_BOOK_PAGE = "http://jmcauley.ucsd.edu/data/amazon/"
+AMAZON_BOOK_COLUMNS = ("user", "item", "rating", "timestamp")  # rating is ignored: implicit feedback
+INTERACTIONS_FILE, USERS_FILE, ITEMS_FILE = "interactions.csv", "users.csv", "items.csv"
+LOG_COLUMNS = ("user", "item", "timestamp")
+DEFAULT_MIN_INTERACTIONS = {"amazon-book": 16, "interactions": 0}  # paper: Amazon-Book 16-core
+FULL_HASH_BYTES = 64 << 20  # source files up to this size are content-hashed for the cache key
+FINGERPRINT_BLOCKS = 64  # larger ones: size, mtime and this many sampled 64 KiB blocks
 
 # Tests replace this to simulate offline machines and corrupted downloads without the network.
 _urlopen = urllib.request.urlopen
@@ -56,23 +72,34 @@ def _contains_ml1m(folder):
     return all((Path(folder) / name).is_file() for name in ML1M_FILES)
 
 
-def _ml1m_search_path(root):
+def _search_path(root, subfolder):
+    """Where a dataset's files may be: root (the --data-dir) or root/subfolder, then
+    $PLANREC_DATA/subfolder, then ./data/subfolder."""
     folders = []
     if root is not None:
         root = Path(root).expanduser()
-        folders += [root, root / "ml-1m"]  # root may be the ml-1m folder or its parent
+        folders += [root, root / subfolder]  # root may be the dataset's folder or its parent
     if os.environ.get("PLANREC_DATA"):
-        folders.append(Path(os.environ["PLANREC_DATA"]).expanduser() / "ml-1m")
-    folders.append(Path("data") / "ml-1m")
+        folders.append(Path(os.environ["PLANREC_DATA"]).expanduser() / subfolder)
+    folders.append(Path("data") / subfolder)
     return folders
 
 
-def _download_target(root):
+def _home_folder(root, subfolder):
+    """Where a dataset's files belong when none was found: root, else the first default place."""
     if root is not None:
         return Path(root).expanduser()
     if os.environ.get("PLANREC_DATA"):
-        return Path(os.environ["PLANREC_DATA"]).expanduser() / "ml-1m"
-    return Path("data") / "ml-1m"
+        return Path(os.environ["PLANREC_DATA"]).expanduser() / subfolder
+    return Path("data") / subfolder
+
+
+def _ml1m_search_path(root):
+    return _search_path(root, "ml-1m")
+
+
+def _download_target(root):
+    return _home_folder(root, "ml-1m")
 
 
 def _how_to_fix(problem, searched, target):
@@ -282,6 +309,280 @@ def read_movielens(folder, expected_counts=ML1M_COUNTS):
 
 
 # ----------------------------------------------------------------------------------------------
+# Comma-separated interaction logs: Amazon-Book and the generic interactions.csv
+#
+# The reader works on the whole file as one byte array: the separators are found with numpy, every
+# line is checked to have the expected number of fields, and the wanted columns are copied into
+# fixed-width byte-string arrays ('S<w>'). The same reader serves the 0.9 GB Amazon file and the
+# small attribute tables. Plain CSV only: no quoting, fields are taken verbatim (no trimming),
+# '\n' or '\r\n' line ends, UTF-8.
+
+NEWLINE, COMMA, CARRIAGE_RETURN = 10, 44, 13
+SEPARATOR_CHUNK = 1 << 26  # bytes scanned per step: bounds the temporaries of the separator scan
+MAX_COLUMN_BYTES = 2 << 30  # one fixed-width column of a huge file must fit comfortably in memory
+
+
+def _read_bytes(path):
+    """The file as a uint8 array ending in exactly one newline (trailing blank lines dropped)."""
+    size = path.stat().st_size
+    buf = np.empty(size + 1, dtype=np.uint8)
+    with open(path, "rb") as f:
+        if f.readinto(memoryview(buf)[:size]) != size:
+            raise OSError(f"{path}: the file changed while it was read")
+    end = size
+    while end and int(buf[end - 1]) in b" \t\r\n":
+        end -= 1
+    buf[end] = NEWLINE
+    return buf[:end + 1]
+
+
+def _separator_positions(body):
+    parts = [np.flatnonzero((part == COMMA) | (part == NEWLINE)) + start
+             for start in range(0, len(body), SEPARATOR_CHUNK)
+             for part in [body[start:start + SEPARATOR_CHUNK]]]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _fixed_width(body, start, end, path, first_line, name):
+    """Fields body[start:end] as one 'S<w>' array (w = the longest; shorter ones NUL-padded,
+    which numpy's bytes strings ignore). One vectorized pass per byte column."""
+    lengths = end - start
+    width = max(int(lengths.max()), 1) if len(lengths) else 1
+    if len(lengths) * width > MAX_COLUMN_BYTES:
+        row = int(np.argmax(lengths))
+        raise ValueError(f"{path}:{first_line + row}: {name} is {width} bytes long; this reader "
+                         f"stores a column at the width of its longest field, which would take "
+                         f"{len(lengths) * width / 2**30:.1f} GiB for {len(lengths):,} lines")
+    out = np.zeros((len(lengths), width), dtype=np.uint8)
+    for k in range(width):
+        pos = start + k
+        out[:, k] = np.where(pos < end, body[np.minimum(pos, end)], 0)  # body[end] exists: a separator
+    return out.view(f"S{width}").ravel()
+
+
+def read_csv(path, wanted=None, names=None):
+    """Read a plain comma-separated file into {column name: [n_rows] 'S<w>' bytes array} and the
+    file line number of row 0. names=None: the first line is a header naming the columns (any
+    order; columns not in `wanted` are ignored; wanted=None keeps all). Otherwise the file has no
+    header and exactly len(names) fields per line. A line with another number of fields raises
+    ValueError naming file:line, its text and the layout expected."""
+    path = Path(path)
+    buf = _read_bytes(path)
+    if names is None:
+        header_end = buf[:1 << 20].tobytes().find(b"\n")  # the first MiB, not a scan of the file
+        if header_end < 0:
+            header_end = int(np.argmax(buf == NEWLINE))
+        header = buf[:header_end].tobytes().decode("utf-8-sig", "replace").rstrip("\r")
+        if not header:
+            raise ValueError(f"{path}: the file is empty; expected a header line naming the "
+                             f"columns {', '.join(wanted or ())}".rstrip())
+        names = [n.strip() for n in header.split(",")]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        missing = [c for c in (wanted or ()) if c not in names]
+        if repeated or missing or "" in names:
+            problem = (f"names {', '.join(repeated)} twice" if repeated else
+                       f"has no column {', '.join(missing)}" if missing else "has an empty name")
+            raise ValueError(f"{path}:1: header {header!r} {problem}; expected a header line "
+                             f"naming at least {', '.join(wanted or ('the columns',))} (any order)")
+        body, first_line = buf[header_end + 1:], 2
+    else:
+        if len(buf) == 1:
+            raise ValueError(f"{path}: the file is empty; expected lines {','.join(names)}")
+        body, first_line = buf, 1
+    n_fields, layout = len(names), ",".join(names)
+    wanted = list(names) if wanted is None else list(wanted)
+    if len(body) == 0:
+        return {name: np.zeros(0, dtype="S1") for name in wanted}, first_line
+
+    separators = _separator_positions(body)
+    is_newline = body[separators] == NEWLINE
+    n_rows = int(is_newline.sum())
+    if len(separators) != n_rows * n_fields or not is_newline[n_fields - 1::n_fields].all():
+        line_ends = np.flatnonzero(is_newline)
+        fields = np.diff(line_ends, prepend=-1)  # separators per line, its newline included
+        bad = int(np.flatnonzero(fields != n_fields)[0])
+        start = separators[line_ends[bad - 1]] + 1 if bad else 0
+        text = body[start:separators[line_ends[bad]]].tobytes().decode("utf-8", "replace").rstrip("\r")
+        hint = " (quoted fields are not supported)" if '"' in text else ""
+        raise ValueError(f"{path}:{first_line + bad}: {text!r}: expected {n_fields} comma-separated "
+                         f"fields {layout}{hint}, found {fields[bad]}")
+    grid = separators.reshape(n_rows, n_fields)
+    del separators, is_newline
+    columns = {}
+    for j, name in enumerate(names):
+        if name not in wanted:
+            continue
+        start = grid[:, j - 1] + 1 if j else np.concatenate([[0], grid[:-1, -1] + 1])
+        end = grid[:, j]
+        if j == n_fields - 1:  # '\r\n' line ends
+            end = end - ((end > start) & (body[end - 1] == CARRIAGE_RETURN))
+        columns[name] = _fixed_width(body, start, end, path, first_line, name)
+    return columns, first_line
+
+
+def _nonempty_ids(values, path, first_line, name):
+    empty = values == b""
+    if empty.any():
+        raise ValueError(f"{path}:{first_line + int(np.argmax(empty))}: {name} is empty; "
+                         f"expected an id")
+    return values
+
+
+def _finite_numbers(values):
+    """values ('S' array) as int64 when all are integers, else float64 when all are finite
+    numbers, else None."""
+    try:
+        return values.astype(np.int64)
+    except (ValueError, OverflowError):
+        pass
+    try:
+        numbers = values.astype(np.float64)
+    except ValueError:
+        return None
+    return numbers if np.isfinite(numbers).all() else None
+
+
+def _timestamps(values, path, first_line, name="timestamp"):
+    numbers = _finite_numbers(values)
+    if numbers is not None:
+        return numbers
+    # The error path: find the first bad line, a block at a time, then within the block.
+    block = 1 << 16
+    start = next(s for s in range(0, len(values), block) if _finite_numbers(values[s:s + block]) is None)
+    row = next(r for r in range(start, start + block) if _finite_numbers(values[r:r + 1]) is None)
+    raise ValueError(f"{path}:{first_line + row}: {name} should be a number (unix time), "
+                     f"found {values[row].decode('utf-8', 'replace')!r}")
+
+
+def _as_text(values):
+    """'S' array -> str array (ASCII fast path; other UTF-8 decoded, undecodable bytes escaped)."""
+    try:
+        return values.astype(str)
+    except UnicodeDecodeError:
+        return np.char.decode(values, "utf-8", errors="backslashreplace")
+
+
+def drop_duplicate_pairs(user, item, timestamp):
+    """Ascending indices of the interactions to keep: of each (user, item) pair only the earliest
+    (equal timestamps: the first in the file). user, item: non-negative int codes."""
+    key = user.astype(np.int64) * (int(item.max()) + 1 if len(item) else 1) + item
+    # Repeats are rare: find the repeated keys with a plain sort (fast), then order only the
+    # rows involved (a full lexsort of 22.5M rows costs ~10 s).
+    sorted_keys = np.sort(key)
+    repeated = np.unique(sorted_keys[1:][sorted_keys[1:] == sorted_keys[:-1]])
+    if len(repeated) == 0:
+        return np.arange(len(key))
+    involved = np.flatnonzero(_contains(repeated, key))
+    order = involved[np.lexsort((timestamp[involved], key[involved]))]  # stable: file order on ties
+    keep = np.ones(len(key), dtype=bool)
+    keep[order[1:][key[order[1:]] == key[order[:-1]]]] = False
+    return np.flatnonzero(keep)
+
+
+def k_core(user, item, k):
+    """Ascending indices of the interactions in the maximal k-core: the largest subset in which
+    every user and every item has at least k interactions. Peeling everything below k, round
+    after round until nothing changes, reaches it (whatever is peeled can belong to no k-core).
+    Vectorized: a round is two bincounts over the interactions still kept."""
+    rows = np.arange(len(user))
+    if k <= 1:  # every user and item in the log has at least one interaction
+        return rows
+    while True:
+        keep = (np.bincount(user)[user] >= k) & (np.bincount(item)[item] >= k)
+        if keep.all():
+            return rows
+        rows, user, item = rows[keep], user[keep], item[keep]
+
+
+def _attribute_arrays(path, side, ids):
+    """One optional attribute table (users.csv or items.csv: a header, the id column named
+    `side`, one column per attribute) aligned with `ids` (the data's raw ids in RecData order,
+    'S' bytes; b"" for the item padding row). Returns {'<side>_attr.<name>': array} plus
+    'vocab.<name>' for the categorical ones. Encoding: a column whose non-empty cells are all
+    finite numbers is numeric -> float32, with missing values (an empty cell, or an id without
+    a line) set to the mean of the table's values (our choice: a neutral regression target);
+    any other column is categorical -> int64 codes, 0 = missing, 1.. = the table's distinct
+    values in sorted order, and vocab.<name>[code] names the code ('' for 0)."""
+    columns, first_line = read_csv(path, None)
+    if side not in columns:
+        raise ValueError(f"{path}:1: header names no {side!r} column; expected a header naming "
+                         f"{side} (the id, as in interactions.csv) and one column per attribute")
+    table_ids = _nonempty_ids(columns.pop(side), path, first_line, side)
+    order = np.argsort(table_ids, kind="stable")
+    sorted_ids = table_ids[order]
+    repeated = np.flatnonzero(sorted_ids[1:] == sorted_ids[:-1])
+    if len(repeated):
+        row = int(order[repeated[0] + 1])
+        raise ValueError(f"{path}:{first_line + row}: {side} {table_ids[row].decode('utf-8', 'backslashreplace')!r} "
+                         f"appears twice; each {side} needs one line")
+    at = np.minimum(np.searchsorted(sorted_ids, ids), max(len(sorted_ids) - 1, 0))
+    found = sorted_ids[at] == ids if len(sorted_ids) else np.zeros(len(ids), dtype=bool)
+    row = order[at] if len(sorted_ids) else at
+    arrays = {}
+    for name, values in columns.items():
+        if ":" in name:
+            raise ValueError(f"{path}:1: attribute column {name!r} contains ':', which attribute "
+                             f"specs (side.name:kind:size) use as a separator; rename it")
+        filled = values != b""
+        numbers = _finite_numbers(values[filled])
+        mine = values[row] if len(values) else np.zeros(len(ids), dtype="S1")
+        present = found & (mine != b"")
+        if numbers is not None and len(numbers):
+            column = np.full(len(ids), numbers.mean(), dtype=np.float32)
+            column[present] = mine[present].astype(np.float64)
+        else:
+            vocab = np.unique(values[filled])
+            column = np.zeros(len(ids), dtype=np.int64)
+            column[present] = np.searchsorted(vocab, mine[present]) + 1
+            arrays[f"vocab.{name}"] = np.concatenate([[""], _as_text(vocab)]).astype(str)
+        arrays[f"{side}_attr.{name}"] = column
+    return arrays
+
+
+def _build_log(name, folder, min_interactions, seed, n_eval_negatives):
+    """Everything derived from an interaction log (amazon-book or interactions), as the cache
+    stores it: duplicates dropped, the k-core, then the same protocol as ML-1M."""
+    if name == "amazon-book":
+        path = Path(folder) / AMAZON_BOOK_FILE
+        columns, first_line = read_csv(path, LOG_COLUMNS, names=AMAZON_BOOK_COLUMNS)
+    else:
+        path = Path(folder) / INTERACTIONS_FILE
+        columns, first_line = read_csv(path, LOG_COLUMNS)
+    timestamp = _timestamps(columns.pop("timestamp"), path, first_line)
+    # Ids are compared as bytes; sorted unique ids give users and items in ascending id order.
+    user_names, user = np.unique(_nonempty_ids(columns.pop("user"), path, first_line, "user"),
+                                 return_inverse=True)
+    item_names, item = np.unique(_nonempty_ids(columns.pop("item"), path, first_line, "item"),
+                                 return_inverse=True)
+    n_rows = len(user)
+    rows = drop_duplicate_pairs(user, item, timestamp)
+    rows = rows[k_core(user[rows], item[rows], min_interactions)]
+    if len(rows) == 0:
+        raise ValueError(
+            f"{path}: no interactions left of {n_rows:,} lines after dropping repeated "
+            f"(user, item) pairs and the {min_interactions}-core filter (every user and item "
+            f"needs at least {min_interactions} interactions); lower --min-interactions"
+            if n_rows else f"{path}: the file holds no interactions")
+    arrays = _protocol_arrays(user[rows], item[rows], timestamp[rows], seed, n_eval_negatives, path,
+                              user_names)
+    user_ids = user_names[arrays["raw_user_ids"]]
+    item_ids = np.concatenate([[b""], item_names[arrays["raw_item_ids"][1:]]])
+    arrays["raw_user_ids"], arrays["raw_item_ids"] = _as_text(user_ids), _as_text(item_ids)
+    if name == "interactions":
+        user_attrs, item_attrs = (
+            _attribute_arrays(Path(folder) / f, side, ids) if (Path(folder) / f).is_file() else {}
+            for f, side, ids in ((USERS_FILE, "user", user_ids), (ITEMS_FILE, "item", item_ids)))
+        shared = sorted({k.split(".", 1)[1] for k in user_attrs} & {k.split(".", 1)[1] for k in item_attrs})
+        if shared:
+            raise ValueError(f"{Path(folder) / ITEMS_FILE}:1: column(s) {', '.join(shared)} also "
+                             f"in {USERS_FILE}; attribute names must differ between the two "
+                             f"tables (their vocabularies share one namespace)")
+        arrays.update(user_attrs)
+        arrays.update(item_attrs)
+    return arrays
+
+
+# ----------------------------------------------------------------------------------------------
 # The protocol: sequences, splits, negatives
 
 def _sorted_keys(users, items, n_items):
@@ -326,14 +627,18 @@ def _sample_eval_negatives(sorted_keys, lengths, n_items, k, rng):
     return out
 
 
-def _build(ratings, users, movies, seed, n_eval_negatives, folder):
-    """Everything derived from the raw tables, as a dict of arrays (what the cache stores)."""
-    user_raw, item_raw, timestamp = ratings["user"], ratings["item"], ratings["timestamp"]
+def _protocol_arrays(user_raw, item_raw, timestamp, seed, n_eval_negatives, folder, user_names=None):
+    """The protocol's arrays from one interaction log (parallel arrays in file order; raw ids
+    any sortable integers): users and items re-indexed in ascending raw id, sequences, splits,
+    evaluation candidates, raw_user_ids / raw_item_ids. Shared by every dataset. user_names:
+    the ids' text by raw id, for messages (None: the raw ids are the ids, as in ML-1M)."""
     uniq_users, counts = np.unique(user_raw, return_counts=True)
     if (counts < MIN_INTERACTIONS).any():
         short = uniq_users[counts < MIN_INTERACTIONS]
+        example = (f"UserID {short[0]}" if user_names is None else
+                   f"user {user_names[short[0]].decode('utf-8', 'backslashreplace')!r}")
         warnings.warn(f"{folder}: dropping {len(short)} users with fewer than {MIN_INTERACTIONS} "
-                      f"interactions (no room for train/validation/test), e.g. UserID {short[0]}")
+                      f"interactions (no room for train/validation/test), e.g. {example}")
         keep = ~np.isin(user_raw, short)
         user_raw, item_raw, timestamp = user_raw[keep], item_raw[keep], timestamp[keep]
     if len(user_raw) == 0:
@@ -364,6 +669,24 @@ def _build(ratings, users, movies, seed, n_eval_negatives, folder):
     valid_neg = _sample_eval_negatives(sorted_keys, lengths, n_items, n_eval_negatives, rng)
     test_neg = _sample_eval_negatives(sorted_keys, lengths, n_items, n_eval_negatives, rng)
 
+    return {
+        "n_users": np.int64(n_users), "n_items": np.int64(n_items),
+        "item_seq": item_seq, "user_offsets": user_offsets,
+        "train_user": user_of_pos[train_pos].astype(np.int64), "train_pos": train_pos.astype(np.int64),
+        "valid_candidates": np.column_stack([item_seq[user_offsets[1:] - 2], valid_neg]),
+        "test_candidates": np.column_stack([item_seq[user_offsets[1:] - 1], test_neg]),
+        "item_train_count": np.bincount(item_seq[in_train_part], minlength=n_items + 1).astype(np.int64),
+        "raw_user_ids": raw_user_ids.astype(np.int64),
+        "raw_item_ids": np.concatenate([[0], raw_items]).astype(np.int64),
+    }
+
+
+def _build(ratings, users, movies, seed, n_eval_negatives, folder):
+    """Everything derived from ML-1M-format tables, as a dict of arrays (what the cache stores)."""
+    arrays = _protocol_arrays(ratings["user"], ratings["item"], ratings["timestamp"], seed,
+                              n_eval_negatives, folder)
+    raw_user_ids, raw_items = arrays["raw_user_ids"], arrays["raw_item_ids"][1:]
+    n_items = len(raw_items)
     # Attributes, aligned with the re-indexed users and items.
     user_sorter = np.argsort(users["user_id"])
     user_row = user_sorter[np.searchsorted(users["user_id"], raw_user_ids, sorter=user_sorter)]
@@ -376,29 +699,21 @@ def _build(ratings, users, movies, seed, n_eval_negatives, folder):
         genres[i, [column[g] for g in movies["genres"][row]]] = 1.0
     year = np.zeros(n_items + 1, dtype=np.float32)
     year[1:] = movies["year"][movie_row]
-
     return {
-        "n_users": np.int64(n_users), "n_items": np.int64(n_items),
-        "item_seq": item_seq, "user_offsets": user_offsets,
-        "train_user": user_of_pos[train_pos].astype(np.int64), "train_pos": train_pos.astype(np.int64),
-        "valid_candidates": np.column_stack([item_seq[user_offsets[1:] - 2], valid_neg]),
-        "test_candidates": np.column_stack([item_seq[user_offsets[1:] - 1], test_neg]),
-        "item_train_count": np.bincount(item_seq[in_train_part], minlength=n_items + 1).astype(np.int64),
+        **arrays,
         "user_attr.gender": users["gender"][user_row], "user_attr.age": users["age"][user_row],
         "user_attr.occupation": users["occupation"][user_row],
         "item_attr.genres": genres, "item_attr.year": year,
         "vocab.genres": np.array(genre_names, dtype=str),
         "vocab.gender": np.array(GENDERS), "vocab.age": np.array(ML1M_AGE_BANDS),
-        "raw_user_ids": raw_user_ids.astype(np.int64),
-        "raw_item_ids": np.concatenate([[0], raw_items]).astype(np.int64),
     }
 
 
 @dataclass(repr=False)
 class RecData:
     name: str
-    n_users: int  # users re-indexed 0..n_users-1 in order of original UserID
-    n_items: int  # items re-indexed 1..n_items in order of original MovieID; 0 is padding
+    n_users: int  # users re-indexed 0..n_users-1 in order of original id (UserID, or bytes order)
+    n_items: int  # items re-indexed 1..n_items in order of original id; 0 is padding
     item_seq: np.ndarray  # [n_interactions] each user's items in time order, users concatenated
     user_offsets: np.ndarray  # [n_users + 1] user u is item_seq[user_offsets[u]:user_offsets[u+1]]
     train_user: np.ndarray  # [n_train] user of each training target
@@ -406,12 +721,16 @@ class RecData:
     valid_candidates: np.ndarray  # [n_users, 1 + n_eval_negatives], column 0 = validation item
     test_candidates: np.ndarray  # [n_users, 1 + n_eval_negatives], column 0 = test item
     item_train_count: np.ndarray  # [n_items + 1] interactions per item in the training part
-    user_attrs: dict  # gender (0=F, 1=M), age (band index 0..6), occupation: [n_users] int64
-    item_attrs: dict  # genres [n_items + 1, n_genres] float32 multi-hot, year [n_items + 1] float32
-    raw_user_ids: np.ndarray  # [n_users] original UserID
-    raw_item_ids: np.ndarray  # [n_items + 1] original MovieID (0 for padding)
+    # ML-1M: user gender (0=F, 1=M), age (band index 0..6), occupation: [n_users] int64; item
+    # genres [n_items + 1, n_genres] float32 multi-hot, year [n_items + 1] float32. interactions:
+    # users.csv / items.csv columns, int64 codes (categorical) or float32 (numeric), see
+    # _attribute_arrays. Integer attributes are classes, float ones are regressed (train.py).
+    user_attrs: dict
+    item_attrs: dict
+    raw_user_ids: np.ndarray  # [n_users] original UserID (int64; str for the CSV logs)
+    raw_item_ids: np.ndarray  # [n_items + 1] original MovieID (0, or '' for the CSV logs: padding)
     history_len: int = HISTORY_LEN
-    attr_vocab: dict = field(default_factory=dict)  # names: genres columns, gender and age codes
+    attr_vocab: dict = field(default_factory=dict)  # names of genres columns, gender/age/categorical codes
     folder: str = ""  # where the source files are (the synthetic ground truth lives there too)
 
     def __repr__(self):
@@ -486,13 +805,36 @@ class RecData:
 # ----------------------------------------------------------------------------------------------
 # Loading with a cache
 
-def _cache_key(folder, settings):
-    # Content hash, not size+mtime: it costs ~0.05 s for ML-1M, survives copies and touches
-    # (no spurious rebuilds) and catches same-size edits within one mtime tick (no stale cache).
+def _fingerprint(h, path):
+    """Feed one source file's identity into the hash h (an absent optional file counts too).
+    Up to FULL_HASH_BYTES: its name and whole content. A content hash, not size+mtime: it costs
+    ~0.05 s for ML-1M, survives copies and touches (no spurious rebuilds) and catches same-size
+    edits within one mtime tick (no stale cache). Larger files (ratings_Books.csv is ~0.9 GB;
+    hashing it all would cost seconds on every cached load, more when it is not in the page
+    cache) are keyed by name, size, mtime_ns and FINGERPRINT_BLOCKS blocks of 64 KiB spread
+    evenly over the file, head and tail included: a copy or a touch rebuilds (minutes, but
+    never stale), and an edit that keeps size and mtime and misses every block goes unnoticed."""
+    path = Path(path)
+    h.update(path.name.encode())
+    if not path.is_file():
+        h.update(b"\0absent")
+        return
+    stat = path.stat()
+    if stat.st_size <= FULL_HASH_BYTES:
+        h.update(path.read_bytes())
+        return
+    h.update(f"\0size={stat.st_size} mtime_ns={stat.st_mtime_ns}".encode())
+    block = 1 << 16
+    with open(path, "rb") as f:
+        for offset in np.linspace(0, stat.st_size - block, FINGERPRINT_BLOCKS).astype(np.int64):
+            f.seek(int(offset))
+            h.update(f.read(block))
+
+
+def _cache_key(sources, settings):
     h = hashlib.blake2b(digest_size=8)
-    for name in ML1M_FILES:
-        h.update(name.encode())
-        h.update((Path(folder) / name).read_bytes())
+    for path in sources:
+        _fingerprint(h, path)
     h.update(json.dumps({**settings, "protocol_version": PROTOCOL_VERSION}, sort_keys=True).encode())
     return h.hexdigest()
 
@@ -540,11 +882,10 @@ def _from_arrays(arrays, name, folder, history_len):
         folder=str(folder))
 
 
-def _load_folder(folder, name, expected_counts, seed=0, n_eval_negatives=100,
-                 history_len=HISTORY_LEN, rebuild=False):
-    settings = {"name": name, "seed": seed, "n_eval_negatives": n_eval_negatives,
-                "history_len": history_len}
-    filename = f"planrec_cache_{name}_{_cache_key(folder, settings)}.npz"
+def _load_cached(name, folder, sources, settings, build, history_len, rebuild):
+    """RecData from the cache keyed by the source files and the settings; otherwise build()
+    (-> dict of arrays), cached only once it has succeeded."""
+    filename = f"planrec_cache_{name}_{_cache_key(sources, settings)}.npz"
     if not rebuild:
         for directory in _cache_dirs(folder):
             if (directory / filename).is_file():
@@ -554,10 +895,19 @@ def _load_folder(folder, name, expected_counts, seed=0, n_eval_negatives=100,
                     return _from_arrays(arrays, name, folder, history_len)
                 except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
                     warnings.warn(f"ignoring unreadable cache {directory / filename} ({e}); rebuilding")
-    ratings, users, movies = read_movielens(folder, expected_counts)
-    arrays = _build(ratings, users, movies, seed, n_eval_negatives, folder)
+    arrays = build()
     _write_cache(arrays, filename, folder)
     return _from_arrays(arrays, name, folder, history_len)
+
+
+def _load_folder(folder, name, expected_counts, seed=0, n_eval_negatives=100,
+                 history_len=HISTORY_LEN, rebuild=False):
+    """An ML-1M-format folder (ML-1M itself, the synthetic worlds) under the protocol."""
+    settings = {"name": name, "seed": seed, "n_eval_negatives": n_eval_negatives,
+                "history_len": history_len}
+    build = lambda: _build(*read_movielens(folder, expected_counts), seed, n_eval_negatives, folder)
+    return _load_cached(name, folder, [Path(folder) / f for f in ML1M_FILES], settings, build,
+                        history_len, rebuild)
 
 
 def load_movielens(root=None, download=True, seed=0, n_eval_negatives=100,
@@ -568,12 +918,67 @@ def load_movielens(root=None, download=True, seed=0, n_eval_negatives=100,
     return _load_folder(folder, "ml-1m", ML1M_COUNTS, seed, n_eval_negatives, history_len, rebuild)
 
 
+def find_log(name, root=None):
+    """Folder holding the log of 'amazon-book' (ratings_Books.csv) or 'interactions'
+    (interactions.csv): root (the --data-dir) or root/<name>, then $PLANREC_DATA/<name>, then
+    ./data/<name>. Nothing is downloaded: a missing file says where to get it and put it."""
+    wanted = AMAZON_BOOK_FILE if name == "amazon-book" else INTERACTIONS_FILE
+    searched = _search_path(root, name)
+    for folder in searched:
+        if (folder / wanted).is_file():
+            return folder
+    target = _home_folder(root, name)
+    if name == "amazon-book":
+        how = (f"download the \"ratings only\" file for Books of the public Amazon review data "
+               f"by McAuley et al. (2014 release, {AMAZON_BOOK_PAGE}), {AMAZON_BOOK_FILE}: lines "
+               f"user,item,rating,timestamp without a header; its licence does not let us ship it")
+    else:
+        how = (f"write {INTERACTIONS_FILE}: a header line naming at least user,item,timestamp "
+               f"(any order; timestamp in unix time), then one interaction per line; optionally "
+               f"{USERS_FILE} / {ITEMS_FILE} with a header naming user / item and one column per "
+               f"attribute")
+    raise FileNotFoundError(
+        f"{name}: {wanted} was not found\n"
+        f"  searched: {', '.join(str(f) for f in searched)}\n"
+        f"  fix: {how}. Put it in {target}/ ; or point --data-dir (root=) at the folder holding "
+        f"it, or set PLANREC_DATA=DIR so that DIR/{name}/ holds it.")
+
+
+def load_log(name, root=None, seed=0, min_interactions=None, n_eval_negatives=100,
+             history_len=HISTORY_LEN, rebuild=False):
+    """'amazon-book' or 'interactions' under the protocol: every line an implicit interaction,
+    repeated (user, item) pairs dropped keeping the earliest, the maximal min_interactions-core
+    (default 16 for amazon-book, 0 = none for interactions), then the ML-1M protocol. Cached
+    like ML-1M; the key covers the files (see _fingerprint) and min_interactions."""
+    if min_interactions is None:
+        min_interactions = DEFAULT_MIN_INTERACTIONS[name]
+    if isinstance(min_interactions, bool) or not isinstance(min_interactions, (int, np.integer)) \
+            or min_interactions < 0:
+        raise ValueError(f"min_interactions must be an integer >= 0, got {min_interactions!r}")
+    folder = find_log(name, root)
+    sources = ([folder / AMAZON_BOOK_FILE] if name == "amazon-book" else
+               [folder / f for f in (INTERACTIONS_FILE, USERS_FILE, ITEMS_FILE)])
+    settings = {"name": name, "seed": seed, "n_eval_negatives": n_eval_negatives,
+                "history_len": history_len, "min_interactions": int(min_interactions)}
+    build = lambda: _build_log(name, folder, int(min_interactions), seed, n_eval_negatives)
+    return _load_cached(name, folder, sources, settings, build, history_len, rebuild)
+
+
 def load_dataset(name, root=None, seed=0, **kw):
     """'ml-1m' -> load_movielens(root, seed=seed, **kw). 'synthetic' / 'synthetic-ood' -> the
     synthetic world in root (default ./data/<name>), generated first if the folder holds none;
     make_synthetic's keyword arguments (n_users, n_items, world_seed, ...) pass through **kw.
+    'amazon-book' / 'interactions' -> load_log(name, root, seed, min_interactions=...).
     seed is the protocol seed (evaluation negatives), not the world's."""
     protocol = {k: kw.pop(k) for k in ("n_eval_negatives", "history_len", "rebuild") if k in kw}
+    if name in ("amazon-book", "interactions"):
+        kw.pop("download", None)  # nothing is ever downloaded for these
+        if set(kw) - {"min_interactions"}:
+            raise ValueError(f"{name} takes no option(s) {', '.join(sorted(set(kw) - {'min_interactions'}))}")
+        return load_log(name, root, seed=seed, **kw, **protocol)
+    if kw.pop("min_interactions", 0) not in (0, None):
+        raise ValueError(f"--min-interactions (min_interactions) applies to amazon-book and "
+                         f"interactions; {name} is used as it is (every user keeps all ratings)")
     if name == "ml-1m":
         return load_movielens(root, seed=seed, **protocol, **kw)
     if name in ("synthetic", "synthetic-ood"):

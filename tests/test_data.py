@@ -3,6 +3,7 @@
 import hashlib
 import io
 import os
+import re
 import tempfile
 import urllib.error
 import warnings
@@ -560,3 +561,328 @@ def test_real_ml1m_canonical_counts(tmp_path, monkeypatch):
     assert d.item_attrs["genres"].shape == (3_707, 18) and len(cache_files(tmp_path / "cache")) == 1
     assert not d.interacted(np.arange(d.n_users)[:, None], d.test_candidates[:, 1:]).any()
     assert set(np.unique(d.user_attrs["age"])) == set(range(7))
+
+
+# --- Amazon-Book and interaction logs (issue 11) ----------------------------------------------
+
+def write_amazon(folder, rows, line_end="\n", final_newline=True):
+    """rows: (user, item, timestamp) in file order -> folder/ratings_Books.csv (no header)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    text = line_end.join(f"{u},{i},{4.0},{t}" for u, i, t in rows) + (line_end if final_newline else "")
+    (folder / data.AMAZON_BOOK_FILE).write_bytes(text.encode())
+    return folder
+
+
+def write_log(folder, header, lines, users=None, items=None):
+    """interactions.csv (plus optional users.csv / items.csv, each a list of lines, header first)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "interactions.csv").write_text("\n".join([header, *lines]) + "\n", encoding="utf-8")
+    for name, table in (("users.csv", users), ("items.csv", items)):
+        if table is not None:
+            (folder / name).write_text("\n".join(table) + "\n", encoding="utf-8")
+    return folder
+
+
+def dense_rows(n_users, n_items, per_user, seed=0, prefix="U"):
+    """(user, item, timestamp) rows: each user rates per_user distinct items at distinct times."""
+    rng = np.random.default_rng(seed)
+    return [(f"{prefix}{u:03d}", f"B{i:05d}", int(1_000_000_000 + 1000 * u + t))
+            for u in range(n_users)
+            for t, i in enumerate(rng.choice(n_items, per_user, replace=False))]
+
+
+def reference_k_core(pairs, k):
+    """Peel one user or item with fewer than k interactions at a time, until none is left."""
+    kept = list(pairs)
+    while True:
+        users, items = {}, {}
+        for u, i in kept:
+            users[u] = users.get(u, 0) + 1
+            items[i] = items.get(i, 0) + 1
+        weak = next(((side, x) for side, counts in (("u", users), ("i", items))
+                     for x, n in counts.items() if n < k), None)
+        if weak is None:
+            return kept
+        kept = [(u, i) for u, i in kept if (u if weak[0] == "u" else i) != weak[1]]
+
+
+def is_k_core(pairs, k):
+    users, items = {}, {}
+    for u, i in pairs:
+        users[u] = users.get(u, 0) + 1
+        items[i] = items.get(i, 0) + 1
+    return all(n >= k for n in users.values()) and all(n >= k for n in items.values())
+
+
+pair_sets = st.sets(st.tuples(st.integers(0, 7), st.integers(0, 7)), max_size=40).map(sorted)
+
+
+@FAST
+@given(pair_sets, st.integers(0, 5))
+def test_k_core_is_the_maximal_core(pairs, k):
+    user = np.array([u for u, _ in pairs], dtype=np.int64)
+    item = np.array([i for _, i in pairs], dtype=np.int64)
+    rows = data.k_core(user, item, k)
+    kept = [pairs[r] for r in rows]
+    assert rows.tolist() == sorted(set(rows.tolist()))  # ascending, file order kept
+    assert is_k_core(kept, k)  # every remaining user and item has >= k interactions
+    assert kept == reference_k_core(pairs, k)
+    # maximal: no removed interaction can be put back next to all the kept ones
+    for removed in sorted(set(pairs) - set(kept)):
+        assert not is_k_core(kept + [removed], k)
+
+
+@FAST
+@given(st.sets(st.tuples(st.integers(0, 3), st.integers(0, 3)), max_size=10).map(sorted),
+       st.integers(1, 3))
+def test_k_core_contains_every_core(pairs, k):
+    # brute force over all subsets: every k-core lies inside the one k_core returns
+    user = np.array([u for u, _ in pairs], dtype=np.int64)
+    item = np.array([i for _, i in pairs], dtype=np.int64)
+    kept = {pairs[r] for r in data.k_core(user, item, k)}
+    for mask in range(1 << len(pairs)):
+        subset = [p for b, p in enumerate(pairs) if mask >> b & 1]
+        if is_k_core(subset, k):
+            assert set(subset) <= kept
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4), st.integers(0, 3)), max_size=60))
+def test_duplicate_pairs_keep_the_earliest(rows):
+    user, item, timestamp = (np.array([r[j] for r in rows], dtype=np.int64) for j in range(3))
+    first = {}
+    for r, (u, i, t) in enumerate(rows):
+        if (u, i) not in first or t < rows[first[(u, i)]][2]:  # ties: the earlier line stays
+            first[(u, i)] = r
+    assert data.drop_duplicate_pairs(user, item, timestamp).tolist() == sorted(first.values())
+
+
+def test_amazon_book_protocol_duplicates_and_core(tmp_path):
+    # A1 and A2 rate X1, X2, X3; A3 rates X1, X2 and X4, which nobody else rates. The 2-core
+    # drops X4 only; then A3 has 2 interactions, too few for the protocol (train, valid, test).
+    rows = [("A1", "X1", 30), ("A2", "X1", 10), ("A1", "X2", 20), ("A2", "X2", 20),
+            ("A1", "X3", 10), ("A2", "X3", 30), ("A3", "X1", 5), ("A3", "X2", 6),
+            ("A3", "X4", 7), ("A1", "X3", 5),  # repeated pair: the earlier time (5) counts
+            ("A2", "X2", 1)]  # repeated pair, earlier than line 4
+    folder = write_amazon(tmp_path / "ab", rows, line_end="\r\n", final_newline=False)
+    with pytest.warns(UserWarning, match="dropping 1 users with fewer than 3 .*e.g. user 'A3'"):
+        d = data.load_dataset("amazon-book", root=folder, min_interactions=2, n_eval_negatives=0)
+    assert d.raw_user_ids.tolist() == ["A1", "A2"]
+    assert d.raw_item_ids.tolist() == ["", "X1", "X2", "X3"]
+    names = lambda u: d.raw_item_ids[d.item_seq[d.user_offsets[u]:d.user_offsets[u + 1]]].tolist()
+    assert names(0) == ["X3", "X2", "X1"]  # A1: X3 at 5 (its repeat), X2 at 20, X1 at 30
+    assert names(1) == ["X2", "X1", "X3"]  # A2: X2 at 1 (its repeat), X1 at 10, X3 at 30
+    assert d.user_attrs == {} and d.item_attrs == {}
+    # a third book for A3: A3 stays, X4 still goes
+    write_amazon(folder, rows + [("A3", "X3", 8)])
+    d = data.load_dataset("amazon-book", root=folder, min_interactions=2, n_eval_negatives=0)
+    assert d.raw_user_ids.tolist() == ["A1", "A2", "A3"] and len(d.item_seq) == 9
+    assert names(2) == ["X1", "X2", "X3"] and "X4" not in d.raw_item_ids
+
+
+def test_amazon_book_default_16_core_and_cache_key(tmp_path):
+    # 40 U users rate 16 books each, cyclically: every book has 16 ratings, an exact 16-core.
+    # 10 V users rate 15 books each: out at k = 16, in at k = 15.
+    rows = [(f"U{u:02d}", f"B{(u + j) % 40:02d}", 100 * u + j) for u in range(40) for j in range(16)]
+    rows += [(f"V{u}", f"B{(3 * u + j) % 40:02d}", 10_000 + j) for u in range(10) for j in range(15)]
+    folder = write_amazon(tmp_path / "ab", rows)
+    d = data.load_dataset("amazon-book", root=folder, n_eval_negatives=20)  # default k = 16
+    assert (d.n_users, d.n_items, len(d.item_seq)) == (40, 40, 640)
+    assert all(u.startswith("U") for u in d.raw_user_ids)
+    # the filter is part of the cache key: k = 15 gives another cache, with the V users
+    assert len(cache_files(folder)) == 1
+    d15 = data.load_dataset("amazon-book", root=folder, min_interactions=15, n_eval_negatives=20)
+    assert len(cache_files(folder)) == 2 and (d15.n_users, len(d15.item_seq)) == (50, 790)
+    # and the content: one changed line rebuilds
+    write_amazon(folder, rows[:-1] + [(rows[-1][0], rows[-1][1], rows[-1][2] + 1)])
+    data.load_dataset("amazon-book", root=folder, min_interactions=15, n_eval_negatives=20)
+    assert len(cache_files(folder)) == 3
+
+
+def test_large_file_fingerprint(tmp_path, monkeypatch):
+    # Files above FULL_HASH_BYTES are keyed by size, mtime and sampled blocks, not the content.
+    monkeypatch.setattr(data, "FULL_HASH_BYTES", 1000)
+    path = tmp_path / "big.csv"
+    path.write_bytes(b"a" * 300_000)
+    os.utime(path, ns=(10**18, 10**18))
+    key = lambda: data._cache_key([path], {"k": 16})
+    first = key()
+    assert key() != data._cache_key([path], {"k": 15})
+    content = bytearray(path.read_bytes())
+    content[-1:] = b"b"  # the tail is always sampled
+    path.write_bytes(bytes(content))
+    os.utime(path, ns=(10**18, 10**18))
+    tail_edit = key()
+    assert tail_edit != first
+    os.utime(path, ns=(10**18 + 1, 10**18 + 1))  # a touch rebuilds: never stale
+    assert key() != tail_edit
+    assert data._cache_key([tmp_path / "absent.csv"], {}) != data._cache_key([path], {})
+
+
+def test_ml1m_cache_key_is_unchanged(tmp_path):
+    # The refactor must not rebuild existing ML-1M caches: the key is the old formula.
+    folder = write_ml(tmp_path / "ml", GOOD)
+    settings = {"name": "ml-1m", "seed": 0, "n_eval_negatives": 100, "history_len": 50}
+    h = hashlib.blake2b(digest_size=8)
+    for name in data.ML1M_FILES:
+        h.update(name.encode())
+        h.update((folder / name).read_bytes())
+    h.update(b'{"history_len": 50, "n_eval_negatives": 100, "name": "ml-1m", "protocol_version": 1, "seed": 0}')
+    assert data._cache_key([folder / f for f in data.ML1M_FILES], settings) == h.hexdigest()
+
+
+def test_interactions_with_attributes(tmp_path):
+    lines = [f"{i},{u},{t},x" for u, i, t in dense_rows(4, 30, 6)]  # item first, extra column
+    users = ["user,country,age", "U000,fr,31", "U001,de,", "U002,fr,40", "U999,it,99"]  # no U003
+    items = ["genre,item,price"] + [f"{'ab'[j % 2]},B{j:05d},{j}.5" for j in range(30) if j != 7]
+    folder = write_log(tmp_path / "log", "item,user,timestamp,note", lines, users, items)
+    d = data.load_dataset("interactions", root=folder, n_eval_negatives=5)
+    assert d.raw_user_ids.tolist() == ["U000", "U001", "U002", "U003"]
+    assert d.attr_vocab["country"] == ["", "de", "fr", "it"]  # the table's values, 0 = missing
+    assert d.user_attrs["country"].tolist() == [2, 1, 2, 0] and d.user_attrs["country"].dtype == np.int64
+    # numeric: float32; missing (an empty cell, or no line) = the mean of the table's values
+    assert d.user_attrs["age"].dtype == np.float32
+    assert d.user_attrs["age"].tolist() == pytest.approx([31, (31 + 40 + 99) / 3, 40, (31 + 40 + 99) / 3])
+    price = dict(zip(d.raw_item_ids.tolist(), d.item_attrs["price"].tolist()))
+    genre = dict(zip(d.raw_item_ids.tolist(), d.item_attrs["genre"].tolist()))
+    mean_price = np.mean([j + 0.5 for j in range(30) if j != 7])
+    for name in d.raw_item_ids[1:]:
+        j = int(name[1:])
+        assert price[name] == pytest.approx(mean_price if j == 7 else j + 0.5)
+        assert genre[name] == (0 if j == 7 else 1 + j % 2)
+    assert genre[""] == 0 and price[""] == pytest.approx(mean_price)  # the padding row
+    assert d.attr_vocab["genre"] == ["", "a", "b"]
+    # sequences come from the timestamps, whatever the column order
+    rows = {u: [i for uu, i, _ in sorted(dense_rows(4, 30, 6), key=lambda r: r[2]) if uu == u]
+            for u in d.raw_user_ids}
+    for u, name in enumerate(d.raw_user_ids):
+        assert d.raw_item_ids[d.item_seq[d.user_offsets[u]:d.user_offsets[u + 1]]].tolist() == rows[name]
+    # no attribute tables: none stored; the default k for interactions is 0 (no filter)
+    (folder / "users.csv").unlink()
+    (folder / "items.csv").unlink()
+    bare = data.load_dataset("interactions", root=folder, n_eval_negatives=5)
+    assert bare.user_attrs == {} and bare.item_attrs == {} and len(bare.item_seq) == 24
+
+
+def test_interactions_numeric_ids_and_float_timestamps(tmp_path):
+    lines = ["7,10,1.5", "7,11,0.5", "7,12,2.5", "10,10,3", "10,12,1", "10,13,2"]
+    folder = write_log(tmp_path / "log", "user,item,timestamp", lines)
+    d = data.load_dataset("interactions", root=folder, n_eval_negatives=0)
+    # ids are text: ordered as bytes ("10" < "7")
+    assert d.raw_user_ids.tolist() == ["10", "7"]
+    items = lambda u: d.raw_item_ids[d.item_seq[d.user_offsets[u]:d.user_offsets[u + 1]]].tolist()
+    assert items(0) == ["12", "13", "10"] and items(1) == ["11", "10", "12"]
+
+
+def run_and_expect(folder, name, message, exception=ValueError, **kw):
+    with pytest.raises(exception) as err:
+        data.load_dataset(name, root=folder, n_eval_negatives=0, **kw)
+    assert re.search(message, str(err.value)), str(err.value)
+    assert cache_files(folder) == [] and cache_files(Path("data") / "cache") == []  # nothing cached
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("A9,X9,4.0", r"ratings_Books\.csv:3: 'A9,X9,4\.0': expected 4 comma-separated fields "
+                  r"user,item,rating,timestamp, found 3"),
+    ('"A,9",X9,4.0,12', r"ratings_Books\.csv:3: .*expected 4 .*\(quoted fields are not supported\), found 5"),
+    ("", r"ratings_Books\.csv:3: '': expected 4 .* found 1"),
+    ("A9,X9,4.0,yesterday", r"ratings_Books\.csv:3: timestamp should be a number \(unix time\), found 'yesterday'"),
+    ("A9,X9,4.0,", r"ratings_Books\.csv:3: timestamp should be a number .*found ''"),
+    ("A9,X9,4.0,inf", r"ratings_Books\.csv:3: timestamp should be a number .*found 'inf'"),
+    (",X9,4.0,12", r"ratings_Books\.csv:3: user is empty; expected an id"),
+])
+def test_amazon_book_malformed_line(tmp_path, bad_line, message):
+    folder = write_amazon(tmp_path / "ab", dense_rows(3, 10, 4))
+    lines = (folder / data.AMAZON_BOOK_FILE).read_text().splitlines()
+    lines.insert(2, bad_line)
+    (folder / data.AMAZON_BOOK_FILE).write_text("\n".join(lines) + "\n")
+    run_and_expect(folder, "amazon-book", message, min_interactions=0)
+
+
+def test_log_errors(tmp_path):
+    rows = [f"{u},{i},{t}" for u, i, t in dense_rows(3, 10, 4)]
+    folder = write_log(tmp_path / "a", "user,item,time", rows)
+    run_and_expect(folder, "interactions", r"interactions\.csv:1: header 'user,item,time' has no column "
+                                           r"timestamp; expected a header line naming at least user, item, timestamp")
+    folder = write_log(tmp_path / "b", "user,item,timestamp,user", [r + ",x" for r in rows])
+    run_and_expect(folder, "interactions", r"interactions\.csv:1: header .* names user twice")
+    folder = write_log(tmp_path / "c", "user,item,timestamp", rows[:5] + ["U9,B1,2020-01-01"] + rows[5:])
+    run_and_expect(folder, "interactions", r"interactions\.csv:7: timestamp should be a number \(unix time\), "
+                                           r"found '2020-01-01'")
+    folder = write_log(tmp_path / "d", "user,item,timestamp", rows)
+    run_and_expect(folder, "interactions", r"no interactions left of 12 lines after dropping repeated .* "
+                                           r"5-core filter .*lower --min-interactions", min_interactions=5)
+    folder = write_log(tmp_path / "e", "user,item,timestamp", [])
+    run_and_expect(folder, "interactions", r"interactions\.csv: the file holds no interactions")
+    (folder / "interactions.csv").write_text("")
+    run_and_expect(folder, "interactions", r"interactions\.csv: the file is empty; expected a header line "
+                                           r"naming the columns user, item, timestamp")
+    folder = write_log(tmp_path / "f", "user,item,timestamp", rows, users=["id,age", "U000,3"])
+    run_and_expect(folder, "interactions", r"users\.csv:1: header names no 'user' column")
+    folder = write_log(tmp_path / "g", "user,item,timestamp", rows, users=["user,age", "U000,3", "U001,4", "U000,5"])
+    run_and_expect(folder, "interactions", r"users\.csv:4: user 'U000' appears twice; each user needs one line")
+    folder = write_log(tmp_path / "h", "user,item,timestamp", rows, users=["user,age", "U000,3"],
+                       items=["item,age", "B00001,3"])
+    run_and_expect(folder, "interactions", r"items\.csv:1: column\(s\) age also in users\.csv")
+    folder = write_log(tmp_path / "i", "user,item,timestamp", rows, items=["item,a:b", "B00001,3"])
+    run_and_expect(folder, "interactions", r"items\.csv:1: attribute column 'a:b' contains ':'")
+    folder = write_log(tmp_path / "j", "user,item,timestamp", rows, items=["item,kind", "B00001,3,4"])
+    run_and_expect(folder, "interactions", r"items\.csv:2: 'B00001,3,4': expected 2 comma-separated fields item,kind")
+    with pytest.raises(ValueError, match="min_interactions must be an integer >= 0"):
+        data.load_dataset("interactions", root=folder, min_interactions=-1)
+    with pytest.raises(ValueError, match="applies to amazon-book and interactions; ml-1m"):
+        data.load_dataset("ml-1m", root=folder, min_interactions=16, download=False)
+    with pytest.raises(ValueError, match="interactions takes no option"):
+        data.load_dataset("interactions", root=folder, n_users=3)
+
+
+def test_missing_log_says_what_where_and_how(tmp_path, monkeypatch):
+    monkeypatch.setenv("PLANREC_DATA", str(tmp_path / "env"))
+    with pytest.raises(FileNotFoundError) as err:
+        data.load_dataset("amazon-book", root=tmp_path / "given")
+    msg = str(err.value)
+    for needle in ("ratings_Books.csv was not found", str(tmp_path / "given"),
+                   str(tmp_path / "given" / "amazon-book"), str(tmp_path / "env" / "amazon-book"),
+                   str(Path("data") / "amazon-book"), '"ratings only" file for Books', "McAuley",
+                   data.AMAZON_BOOK_PAGE, f"Put it in {tmp_path / 'given'}/"):
+        assert needle in msg
+    with pytest.raises(FileNotFoundError, match=r"interactions\.csv was not found(.|\n)*header line naming "
+                                                r"at least user,item,timestamp(.|\n)*Put it in "):
+        data.load_dataset("interactions")
+    # found in $PLANREC_DATA/<name> and in ./data/<name>
+    write_amazon(tmp_path / "env" / "amazon-book", dense_rows(3, 10, 4))
+    assert data.find_log("amazon-book") == tmp_path / "env" / "amazon-book"
+    write_log(Path("data") / "interactions", "user,item,timestamp", ["a,b,1"])
+    assert data.find_log("interactions") == Path("data") / "interactions"
+
+
+TRAIN_TINY = ["--set", "n_factors=4", "--set", "n_user_factors=2", "--set", "factor_dim=4",
+              "--set", "k_A=6", "--set", "k_e=3", "--n-mask-samples", "2", "--batch-size", "64",
+              "--threads", "1", "--kernel", "eager", "--epochs", "1", "--max-steps", "2"]
+
+
+def test_amazon_book_trains_end_to_end(tmp_path, capsys):
+    import train
+    # user u rates books 4u .. 4u + 11 (mod 160): every book has exactly 3 ratings, a 3-core
+    rows = [(f"U{u:03d}", f"B{(4 * u + j) % 160:05d}", 1_000_000_000 + 100 * u + j)
+            for u in range(40) for j in range(12)]
+    rows += [("Z1", "B00000", 5), ("U000", "Q1", 7)]  # both fall to the 3-core
+    write_amazon(tmp_path, rows)
+    summary = train.main(["--data", "amazon-book", "--data-dir", str(tmp_path), "--min-interactions", "3",
+                          "--out", str(tmp_path / "run"), *TRAIN_TINY])
+    first_line = capsys.readouterr().out.splitlines()[0]
+    assert first_line.startswith(f"PlanRec on amazon-book: 40 users, 160 items, {40 * 9} training positions")
+    assert set(summary["test"]) >= {"auc", "ndcg@10"} and (tmp_path / "run" / "best.pt").is_file()
+
+
+def test_interactions_attribute_prior_trains(tmp_path):
+    import train
+    rows = dense_rows(30, 150, 10)
+    users = ["user,group,height"] + [f"U{u:03d},{'xyz'[u % 3]},{150 + u}" for u in range(30)]
+    items = ["item,shelf"] + [f"B{i:05d},s{i % 4}" for i in range(150)]
+    write_log(tmp_path, "user,item,timestamp", [f"{u},{i},{t}" for u, i, t in rows], users, items)
+    summary = train.main(["--data", "interactions", "--data-dir", str(tmp_path), "--attribute-prior", "both",
+                          "--out", str(tmp_path / "run"), *TRAIN_TINY])
+    assert np.isfinite(summary["test"]["auc"])
