@@ -1,21 +1,48 @@
-"""Benchmark of kernels.personalized_scm: fused Triton vs eager vs torch.compile(eager).
+"""Benchmark of kernels.personalized_scm: fused Triton vs eager vs torch.compile vs CUDA graphs.
 
     python -m kernels.bench                       # the full grid of issue 5 (CUDA)
     python -m kernels.bench --B 4096 --Nm 8 --N 8 --d 8 --csv out.csv
-    python -m kernels.bench --no-compile          # skip torch.compile (compiling every shape is slow)
+    python -m kernels.bench --no-compile          # skip the torch.compile rows (slow to compile)
     python -m kernels.bench --poison              # fused with the NaN fill the tests use
 
-For every row: the median time (triton.testing.do_bench, return_mode="median") of the forward
-("fwd") and of forward + backward ("fwdbwd", upstream gradients on all three outputs, gradients
-for z, logits_A and logits_e; A is fixed, as in the model), the fewest bytes the op must move,
-and the achieved fraction of the device's copy bandwidth, measured in the same run with a
-1 GiB device-to-device copy (read + write counted).
+Implementations ("impl" column). The first five get IDENTICAL inputs, the noise included
+(uniform_A, uniform_e drawn once per shape), so each computes the same function on the same
+data:
+    fused               kernels.personalized_scm (Triton, one launch each way)
+    eager_solve         planrec.personalized_scm as the model runs it (torch.linalg.solve, whose
+                        error check is a device-to-host sync on CUDA)
+    eager_solve_ex      the same with torch.linalg.solve_ex (no host sync)
+    compile             torch.compile(eager_solve_ex, dynamic=False)
+    compile_cudagraphs  torch.compile(eager_solve_ex, mode="reduce-overhead", dynamic=False):
+                        CUDA graphs replay the whole op without per-kernel launch overhead
+The model's own path draws the noise inside the op; two more rows time that:
+    fused_philox        the fused kernel with a seed: Philox noise drawn in the kernel
+    eager_rand          planrec.personalized_scm drawing its noise with torch.rand
 
-Fewest bytes (float32, 4 bytes each):
+Before an implementation is timed at a shape, its outputs (and, for fwdbwd, its gradients) are
+checked at that exact shape against eager_solve on the same inputs (fused_philox against
+eager_solve fed with the kernel's Philox uniforms; eager_rand by its mask counts and the solve
+residual). A wrong implementation is reported ("WRONG: ...") and not timed. The masks must agree
+on all but a tiny fraction of rows (an exact float tie at the K-th place, ~1e-6 per row, may be
+broken differently by torch.topk); values are compared on the rows where they agree.
+
+For every row: the median time (triton.testing.do_bench, return_mode="median", grad_to_none on
+the inputs so no repetition pays gradient accumulation) of the forward ("fwd", under no_grad)
+and of forward + backward ("fwdbwd", upstream gradients on all three outputs, gradients for z,
+logits_A and logits_e; A is fixed, as in the model); the fewest bytes the op must move; and the
+achieved fraction of the device's copy bandwidth, measured in the same run with a 1 GiB
+device-to-device copy (read + write counted).
+
+Fewest bytes (float32, 4 bytes each), the model's path:
     fwd    = read z, logits_A, logits_e, A + write e*, mask_A, mask_e
            = 4 (B N d + B N^2 + B N + N^2) + 4 B S (N d + N^2 + N)
     fwdbwd = fwd + read the upstream gradients 4 B S (N d + N^2 + N)
                  + read z, logits_A, logits_e again and write their gradients 8 (B N d + B N^2 + B N)
+Rows whose noise is an input add one read of the uniforms, 4 B S (N^2 + N).
+
+The CSV is written row by row (flushed), so a run cut short keeps every finished row. After
+each shape the registers and spills of every compiled variant of the fused kernels are printed
+("kernel variant:" lines).
 
 Without CUDA the fused kernel cannot run (the Triton interpreter is a correctness tool, not a
 performance path) and there is no device copy bandwidth: the script then times the eager
@@ -24,10 +51,10 @@ function on the CPU over a small grid with time.perf_counter medians and says so
 
 import argparse
 import csv
+import importlib
 import itertools
 import os
 import statistics
-import sys
 import time
 
 import torch
@@ -37,7 +64,11 @@ import planrec
 FULL_GRID = dict(B=[1024, 4096, 16384, 65536], Nm=[1, 4, 8, 16], N=[4, 8, 16], d=[8, 32])
 CPU_GRID = dict(B=[256, 1024], Nm=[1, 8], N=[4, 8], d=[8])
 FIELDS = ["device", "B", "N_m", "N", "d", "k_A", "k_e", "mode", "impl", "median_ms", "min_bytes",
-          "achieved_GBps", "frac_copy_bw", "speedup_vs_eager", "note"]
+          "achieved_GBps", "frac_copy_bw", "speedup_vs_eager", "check", "note"]
+SAME_INPUT_IMPLS = ["fused", "eager_solve", "eager_solve_ex", "compile", "compile_cudagraphs"]
+MODEL_PATH_IMPLS = ["fused_philox", "eager_rand"]
+TAU = 1.0
+SEED = 1234
 
 
 def ks(N):
@@ -45,43 +76,121 @@ def ks(N):
     return max(1, N * (N - 1) // 2), max(1, (3 * N) // 4)
 
 
-def min_bytes(B, S, N, d, mode):
+def min_bytes(B, S, N, d, mode, noise_is_input):
     inputs = B * N * d + B * N * N + B * N
     outputs = B * S * (N * d + N * N + N)
-    fwd = 4 * (inputs + N * N + outputs)
-    if mode == "fwd":
-        return fwd
-    return fwd + 4 * outputs + 8 * inputs
+    total = 4 * (inputs + N * N + outputs)
+    if mode == "fwdbwd":
+        total += 4 * outputs + 8 * inputs
+    if noise_is_input:
+        total += 4 * B * S * (N * N + N)
+    return total
 
 
-def make_case(B, S, N, d, device, grad):
+def eager_solve_ex(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0, uniform_A=None, uniform_e=None):
+    """planrec.personalized_scm with torch.linalg.solve_ex: no device-to-host sync for the error check."""
+    mask_A, mask_e = planrec.sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e)
+    N = z.shape[1]
+    system = torch.eye(N, dtype=z.dtype, device=z.device) - (mask_A * A).transpose(-1, -2)
+    e_star = torch.linalg.solve_ex(system, mask_e[..., None] * z[:, None], check_errors=False)[0]
+    return e_star, mask_A, mask_e
+
+
+def make_case(B, S, N, d, device):
+    """One set of inputs per shape, shared by every implementation and both modes."""
     g = torch.Generator(device="cpu").manual_seed(0)
     z = torch.randn(B, N, d, generator=g)
     A = torch.randn(N, N, generator=g)
-    A = A * (0.5 / A.norm())
+    A = A * (0.5 / A.norm())                      # cond(I - (M*A)^T) <= 3
     la = torch.randn(B, N, N, generator=g)
     le = torch.randn(B, N, generator=g)
-    z, A, la, le = (t.to(device) for t in (z, A, la, le))
-    if grad:
-        for t in (z, la, le):
-            t.requires_grad_()
-    up = [torch.randn(B, S, N, d, device=device), torch.randn(B, S, N, N, device=device),
-          torch.randn(B, S, N, device=device)]
-    return z, A, la, le, up
+    uA = torch.rand(B, S, N, N, generator=g).clamp_(min=torch.finfo(torch.float32).tiny)
+    ue = torch.rand(B, S, N, generator=g).clamp_(min=torch.finfo(torch.float32).tiny)
+    up = [torch.randn(B, S, N, d, generator=g), torch.randn(B, S, N, N, generator=g),
+          torch.randn(B, S, N, generator=g)]
+    z, A, la, le, uA, ue = (t.to(device) for t in (z, A, la, le, uA, ue))
+    for t in (z, la, le):
+        t.requires_grad_()
+    return dict(z=z, A=A, la=la, le=le, uA=uA, ue=ue, up=[u.to(device) for u in up])
 
 
-def runner(fn, case, S, N, mode):
-    z, A, la, le, up = case
+def call(impl, fn, case, S, N):
     k_A, k_e = ks(N)
-    if mode == "fwd":
-        def run():
+    c = case
+    if impl == "fused_philox":
+        return fn(c["z"], c["A"], c["la"], c["le"], S, k_A, k_e, TAU, seed=SEED)
+    if impl == "eager_rand":
+        return fn(c["z"], c["A"], c["la"], c["le"], S, k_A, k_e, TAU)
+    return fn(c["z"], c["A"], c["la"], c["le"], S, k_A, k_e, TAU, c["uA"], c["ue"])
+
+
+def _new_cudagraph_step(impl):
+    """Under CUDA graphs (mode="reduce-overhead") each call starts a new step, so the graph may
+    overwrite the previous call's outputs instead of keeping them alive."""
+    mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    if impl == "compile_cudagraphs" and mark_step is not None:
+        mark_step()
+
+
+def runner(impl, fn, case, S, N, mode):
+    def run():
+        _new_cudagraph_step(impl)
+        if mode == "fwd":
             with torch.no_grad():
-                fn(z, A, la, le, S, k_A, k_e, 1.0)
-    else:
-        def run():
-            out = fn(z, A, la, le, S, k_A, k_e, 1.0)
-            torch.autograd.backward(out, up)
+                call(impl, fn, case, S, N)
+        else:
+            torch.autograd.backward(call(impl, fn, case, S, N), case["up"])
     return run
+
+
+def _outputs_and_grads(impl, fn, case, S, N, mode):
+    inputs = [case["z"], case["la"], case["le"]]
+    if mode == "fwd":
+        with torch.no_grad():
+            return [t.detach().clone() for t in call(impl, fn, case, S, N)], None
+    _new_cudagraph_step(impl)
+    out = call(impl, fn, case, S, N)
+    grads = torch.autograd.grad(out, inputs, case["up"])
+    return [t.detach().clone() for t in out], [g.detach().clone() for g in grads]
+
+
+def _close(got, want, mask, name):
+    """max |got - want| on the rows in `mask` against 1e-4 of the largest reference value (an
+    error of a wrong formula is O(1) relative; float32 solves with cond <= 3 are ~1e-6)."""
+    got, want = got[mask].float(), want[mask].float()
+    if want.numel() == 0:
+        return None
+    scale = max(want.abs().max().item(), 1.0 if name.startswith("grad_logits") else 1e-3)
+    err = (got - want).abs().max().item()
+    if not err <= 1e-4 * scale:        # also catches NaN
+        return f"{name} off by {err:.3g} (scale {scale:.3g})"
+    return None
+
+
+def check(impl, fn, case, S, N, mode, reference):
+    """None if impl agrees with the reference at this shape, else what is wrong."""
+    out, grads = _outputs_and_grads(impl, fn, case, S, N, mode)
+    k_A, k_e = ks(N)
+    mask_A, mask_e = out[1], out[2]
+    counts_ok = (torch.all(mask_A.sum((-1, -2)) == k_A) and torch.all(mask_e.sum(-1) == k_e)
+                 and torch.all(torch.diagonal(mask_A, dim1=-2, dim2=-1) == 0))
+    if not counts_ok:
+        return "masks do not have exactly k_A / k_e ones off the diagonal"
+    if impl == "eager_rand":          # its code is the reference: check what it must satisfy
+        system = torch.eye(N, device=mask_A.device) - (mask_A * case["A"]).transpose(-1, -2)
+        residual = (system @ out[0] - mask_e[..., None] * case["z"].detach()[:, None]).abs().max().item()
+        return None if residual <= 1e-4 * max(case["z"].abs().max().item(), 1.0) else f"solve residual {residual:.3g}"
+    ref_out, ref_grads = reference
+    same_row = (mask_A == ref_out[1]).all(-1).all(-1) & (mask_e == ref_out[2]).all(-1)    # [B, S]
+    if (~same_row).float().mean().item() > 1e-4:
+        return f"masks differ on {(~same_row).sum().item()} of {same_row.numel()} rows"
+    problems = [_close(out[0], ref_out[0], same_row, "e_star")]
+    if grads is not None:
+        same_example = same_row.all(-1)
+        problems += [_close(g, r, same_example, name)
+                     for g, r, name in zip(grads, ref_grads, ["grad_z", "grad_logits_A", "grad_logits_e"])]
+    problems = [p for p in problems if p]
+    return "; ".join(problems) or None
 
 
 def copy_bandwidth(do_bench):
@@ -94,48 +203,108 @@ def copy_bandwidth(do_bench):
     return 2 * n * 4 / (ms * 1e-3)
 
 
-def bench_cuda(grid, args):
+def set_dynamo_limits(limit):
+    """Raise the recompile limit under whichever name this torch has (recompile_limit from 2.7 on,
+    cache_size_limit before). Each shape also starts from torch._dynamo.reset(), so the limit
+    only matters when one shape needs several graphs (fwd under no_grad, fwdbwd)."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    for names in (("recompile_limit", "cache_size_limit"),
+                  ("accumulated_recompile_limit", "accumulated_cache_size_limit")):
+        for name in names:
+            if hasattr(config, name):
+                setattr(config, name, limit)
+                break
+
+
+def implementations(args, kmod):
+    impls = {"fused": kmod.personalized_scm, "eager_solve": planrec.personalized_scm,
+             "eager_solve_ex": eager_solve_ex}
+    if not args.no_compile:
+        impls["compile"] = torch.compile(eager_solve_ex, dynamic=False)
+        impls["compile_cudagraphs"] = torch.compile(eager_solve_ex, mode="reduce-overhead", dynamic=False)
+    impls["fused_philox"] = kmod.personalized_scm
+    impls["eager_rand"] = planrec.personalized_scm
+    return {k: v for k, v in impls.items() if not args.impls or k in args.impls}
+
+
+def bench_cuda(grid, args, writer):
     import triton.testing
-    from kernels import personalized_scm as fused
-    kmod = sys.modules["kernels.personalized_scm"]
+    kmod = importlib.import_module("kernels.personalized_scm")
     kmod.POISON_OUTPUTS = args.poison
     do_bench = triton.testing.do_bench
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth(do_bench)
     print(f"device: {name}; copy bandwidth {bw / 1e9:.0f} GB/s (1 GiB device-to-device copy, read + write)")
-    impls = {"fused": fused, "eager": planrec.personalized_scm}
     if not args.no_compile:
-        import torch._dynamo
-        torch._dynamo.config.recompile_limit = 1024
-        torch._dynamo.config.accumulated_recompile_limit = 4096
-        impls["compile"] = torch.compile(planrec.personalized_scm)
+        set_dynamo_limits(64)
+
+    def time_ms(run, grad_to_none):
+        return do_bench(run, grad_to_none=grad_to_none, return_mode="median")
     rows = []
+    reported = set()
     for B, S, N, d in itertools.product(grid["B"], grid["Nm"], grid["N"], grid["d"]):
-        k_A, k_e = ks(N)
-        for mode in args.modes:
-            case = make_case(B, S, N, d, "cuda", grad=(mode == "fwdbwd"))
-            nbytes = min_bytes(B, S, N, d, mode)
-            times = {}
-            for impl, fn in impls.items():
-                note = ""
-                try:
-                    ms = do_bench(runner(fn, case, S, N, mode), return_mode="median")
-                except torch.cuda.OutOfMemoryError:
-                    ms, note = float("nan"), "out of memory"
-                torch.cuda.empty_cache()
-                times[impl] = ms
-                rows.append(dict(device=name, B=B, N_m=S, N=N, d=d, k_A=k_A, k_e=k_e, mode=mode, impl=impl,
-                                 median_ms=ms, min_bytes=nbytes, achieved_GBps=nbytes / (ms * 1e-3) / 1e9,
-                                 frac_copy_bw=nbytes / (ms * 1e-3) / bw, note=note))
-            for r in rows[-len(impls):]:
-                r["speedup_vs_eager"] = times["eager"] / r["median_ms"]
-            del case
-            torch.cuda.empty_cache()
-            print_rows(rows[-len(impls):], header=len(rows) == len(impls))
+        if not args.no_compile:
+            torch._dynamo.reset()           # compile this shape afresh (static shapes, no recompile limit)
+        impls = implementations(args, kmod)
+        rows += measure_shape(B, S, N, d, impls, args.modes, "cuda", time_ms, bw, name, writer,
+                              header=not rows)
+        for line in kmod.compiled_variant_report():
+            if line not in reported:
+                reported.add(line)
+                print(f"kernel variant: {line}")
+        torch.cuda.empty_cache()
     return rows
 
 
-def bench_cpu(grid, args):
+def measure_shape(B, S, N, d, impls, modes, device, time_ms, copy_bw, device_name, writer, header=False):
+    """Check, then time, every implementation at one shape on the same inputs; returns the rows
+    (also passed to `writer` as they finish). time_ms(run, grad_to_none) -> median ms."""
+    kmod = importlib.import_module("kernels.personalized_scm")
+    k_A, k_e = ks(N)
+    case = make_case(B, S, N, d, device)
+    rows = []
+    for mode in modes:
+        reference = _outputs_and_grads("eager_solve", planrec.personalized_scm, case, S, N, mode)
+        philox_reference = None
+        if "fused_philox" in impls:
+            uA, ue = kmod.philox_uniforms(B, S, N, SEED, device)
+            philox_reference = _outputs_and_grads("eager_solve", planrec.personalized_scm,
+                                                  dict(case, uA=uA, ue=ue), S, N, mode)
+        times, shape_rows = {}, []
+        for impl, fn in impls.items():
+            note, verdict, ms = "", "ok", float("nan")
+            try:
+                problem = check(impl, fn, case, S, N, mode, philox_reference if impl == "fused_philox" else reference)
+                if problem:
+                    verdict, note = "WRONG", problem
+                    print(f"WRONG: {impl} B={B} N_m={S} N={N} d={d} {mode}: {problem}")
+                else:
+                    ms = time_ms(runner(impl, fn, case, S, N, mode), [case["z"], case["la"], case["le"]])
+            except torch.cuda.OutOfMemoryError:
+                verdict, note = "not run", "out of memory"
+            except Exception as exc:       # one failing baseline must not lose the other rows
+                message = str(exc).splitlines()[0][:160] if str(exc) else ""
+                verdict, note = "failed", f"{type(exc).__name__}: {message}"
+                print(f"failed: {impl} B={B} N_m={S} N={N} d={d} {mode}: {note}")
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            times[impl] = ms
+            nbytes = min_bytes(B, S, N, d, mode, noise_is_input=impl in SAME_INPUT_IMPLS)
+            shape_rows.append(dict(device=device_name, B=B, N_m=S, N=N, d=d, k_A=k_A, k_e=k_e, mode=mode,
+                                   impl=impl, median_ms=ms, min_bytes=nbytes,
+                                   achieved_GBps=nbytes / (ms * 1e-3) / 1e9,
+                                   frac_copy_bw=nbytes / (ms * 1e-3) / copy_bw, check=verdict, note=note))
+        for r in shape_rows:
+            base = times.get("eager_rand" if r["impl"] in MODEL_PATH_IMPLS else "eager_solve", float("nan"))
+            r["speedup_vs_eager"] = base / r["median_ms"]
+            writer(r)
+        print_rows(shape_rows, header=header and not rows)
+        rows += shape_rows
+    return rows
+
+
+def bench_cpu(grid, args, writer):
     print("no CUDA device: timing the eager function only, on the CPU. The fused Triton kernel needs a GPU "
           "(under TRITON_INTERPRET=1 it runs in Python, which measures nothing), and there is no device "
           "copy bandwidth to compare against.")
@@ -143,34 +312,38 @@ def bench_cpu(grid, args):
     rows = []
     for B, S, N, d in itertools.product(grid["B"], grid["Nm"], grid["N"], grid["d"]):
         k_A, k_e = ks(N)
+        case = make_case(B, S, N, d, "cpu")
         for mode in args.modes:
-            case = make_case(B, S, N, d, "cpu", grad=(mode == "fwdbwd"))
-            run = runner(planrec.personalized_scm, case, S, N, mode)
+            run = runner("eager_rand", planrec.personalized_scm, case, S, N, mode)
             for _ in range(3):
                 run()
             samples = []
             for _ in range(args.cpu_reps):
+                for t in (case["z"], case["la"], case["le"]):
+                    t.grad = None
                 t0 = time.perf_counter()
                 run()
                 samples.append(time.perf_counter() - t0)
             ms = statistics.median(samples) * 1e3
-            nbytes = min_bytes(B, S, N, d, mode)
-            rows.append(dict(device=name, B=B, N_m=S, N=N, d=d, k_A=k_A, k_e=k_e, mode=mode, impl="eager",
-                             median_ms=ms, min_bytes=nbytes, achieved_GBps=nbytes / (ms * 1e-3) / 1e9,
-                             frac_copy_bw=float("nan"), speedup_vs_eager=1.0,
-                             note=f"median of {args.cpu_reps} time.perf_counter runs"))
-            print_rows(rows[-1:], header=len(rows) == 1)
+            nbytes = min_bytes(B, S, N, d, mode, noise_is_input=False)
+            row = dict(device=name, B=B, N_m=S, N=N, d=d, k_A=k_A, k_e=k_e, mode=mode, impl="eager_rand",
+                       median_ms=ms, min_bytes=nbytes, achieved_GBps=nbytes / (ms * 1e-3) / 1e9,
+                       frac_copy_bw=float("nan"), speedup_vs_eager=1.0, check="reference",
+                       note=f"median of {args.cpu_reps} time.perf_counter runs")
+            writer(row)
+            rows.append(row)
+            print_rows([row], header=len(rows) == 1)
     return rows
 
 
 def print_rows(rows, header):
     if header:
-        print(f"{'B':>6} {'N_m':>3} {'N':>3} {'d':>3} {'mode':>6} {'impl':>8} {'ms':>10} {'MB':>9} "
+        print(f"{'B':>6} {'N_m':>3} {'N':>3} {'d':>3} {'mode':>6} {'impl':>18} {'ms':>10} {'MB':>9} "
               f"{'GB/s':>8} {'copy%':>6} {'x eager':>8}")
     for r in rows:
-        print(f"{r['B']:>6} {r['N_m']:>3} {r['N']:>3} {r['d']:>3} {r['mode']:>6} {r['impl']:>8} "
+        print(f"{r['B']:>6} {r['N_m']:>3} {r['N']:>3} {r['d']:>3} {r['mode']:>6} {r['impl']:>18} "
               f"{r['median_ms']:>10.4f} {r['min_bytes'] / 1e6:>9.2f} {r['achieved_GBps']:>8.2f} "
-              f"{100 * r['frac_copy_bw']:>6.1f} {r['speedup_vs_eager']:>8.2f} {r['note']}")
+              f"{100 * r['frac_copy_bw']:>6.1f} {r['speedup_vs_eager']:>8.2f} {r['check']} {r['note']}")
 
 
 def main(argv=None):
@@ -180,7 +353,9 @@ def main(argv=None):
     p.add_argument("--N", type=int, nargs="+")
     p.add_argument("--d", type=int, nargs="+")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    p.add_argument("--no-compile", action="store_true", help="skip torch.compile of the eager function")
+    p.add_argument("--impls", nargs="+", choices=SAME_INPUT_IMPLS + MODEL_PATH_IMPLS,
+                   help="CUDA: only these implementations (default: all)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--poison", action="store_true", help="fused: NaN-fill the output buffers first, as the tests do")
     p.add_argument("--cpu-reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None,
@@ -194,12 +369,16 @@ def main(argv=None):
     for key in grid:
         if getattr(args, key) is not None:
             grid[key] = getattr(args, key)
-    rows = bench_cuda(grid, args) if cuda else bench_cpu(grid, args)
     os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
     with open(args.csv, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=FIELDS)
         w.writeheader()
-        w.writerows(rows)
+        f.flush()
+
+        def writer(row):              # row by row: a run cut short keeps what it measured
+            w.writerow(row)
+            f.flush()
+        rows = bench_cuda(grid, args, writer) if cuda else bench_cpu(grid, args, writer)
     print(f"wrote {len(rows)} rows to {args.csv}")
     if cuda:
         report_goals(rows)
@@ -207,22 +386,27 @@ def main(argv=None):
 
 def report_goals(rows):
     """The issue's goals, where the grid contains their rows."""
-    def t(B, S, N, d, mode, impl):
+    def ms(B, S, N, d, mode, impl):
         for r in rows:
             if (r["B"], r["N_m"], r["N"], r["d"], r["mode"], r["impl"]) == (B, S, N, d, mode, impl):
-                return r
-        return None
-    f, e, c = (t(4096, 8, 8, 8, "fwd", i) for i in ("fused", "eager", "compile"))
-    if f and e:
-        print(f"goal fwd  B=4096 N_m=8 N=8 d=8: fused {e['median_ms'] / f['median_ms']:.1f}x eager (goal 10x)"
-              + (f", {c['median_ms'] / f['median_ms']:.1f}x torch.compile (goal 2x)" if c else ""))
-    f, e = t(4096, 8, 8, 8, "fwdbwd", "fused"), t(4096, 8, 8, 8, "fwdbwd", "eager")
-    if f and e:
-        print(f"goal fwdbwd B=4096 N_m=8 N=8 d=8: fused {e['median_ms'] / f['median_ms']:.1f}x eager (goal 5x)")
+                return r["median_ms"]
+        return float("nan")
+    for fused, eager, compiled, label in [("fused", "eager_solve", "compile", "same inputs"),
+                                          ("fused_philox", "eager_rand", None, "model path, noise in the op")]:
+        f = ms(4096, 8, 8, 8, "fwd", fused)
+        line = f"goal fwd    B=4096 N_m=8 N=8 d=8 ({label}): fused {ms(4096, 8, 8, 8, 'fwd', eager) / f:.1f}x eager (goal 10x)"
+        if compiled:
+            line += (f", {ms(4096, 8, 8, 8, 'fwd', compiled) / f:.1f}x torch.compile (goal 2x), "
+                     f"{ms(4096, 8, 8, 8, 'fwd', 'compile_cudagraphs') / f:.1f}x compile+CUDA graphs, "
+                     f"{ms(4096, 8, 8, 8, 'fwd', 'eager_solve_ex') / f:.1f}x eager solve_ex")
+        print(line)
+        f = ms(4096, 8, 8, 8, "fwdbwd", fused)
+        print(f"goal fwdbwd B=4096 N_m=8 N=8 d=8 ({label}): fused {ms(4096, 8, 8, 8, 'fwdbwd', eager) / f:.1f}x eager "
+              "(goal 5x)")
     for r in rows:
-        if r["B"] == 65536 and r["mode"] == "fwd" and r["impl"] == "fused":
-            print(f"goal fwd  B=65536 N_m={r['N_m']} N={r['N']} d={r['d']}: {100 * r['frac_copy_bw']:.0f}% "
-                  "of copy bandwidth (goal 50%)")
+        if r["B"] == 65536 and r["mode"] == "fwd" and r["impl"] in ("fused", "fused_philox"):
+            print(f"goal fwd    B=65536 N_m={r['N_m']} N={r['N']} d={r['d']} {r['impl']}: "
+                  f"{100 * r['frac_copy_bw']:.0f}% of copy bandwidth (goal 50%)")
 
 
 if __name__ == "__main__":

@@ -1,71 +1,155 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the fused personalized_scm kernel (issue 5), under 8 minutes in all:
-#   1. tests/test_kernels.py natively on the GPU (TRITON_INTERPRET=0)          <= 150 s
-#   2. kernels.bench on the goal shapes, fused vs eager vs torch.compile         <= 110 s
-#   3. kernels.bench on a wider grid, fused vs eager (no compile), and the goal
-#      rows again without the NaN fill of the output buffers                     <= 60 + 25 s
-#   4. one epoch of train.py --data synthetic with --kernel triton, then eager   <= 2 x 60 s
-# Everything goes to OUTDIR: one log per step, CSVs, the run folders, summary.txt.
-# Usage: kernels/gpu_check.sh OUTDIR      (PYTHON=... to choose the interpreter)
+# One-shot GPU check of the fused personalized_scm kernel (issues 5 and 10).
+#
+#   kernels/gpu_check.sh OUTDIR [STEP ...]      (PYTHON=... chooses the interpreter)
+#
+# Steps, in priority order (all of them when none is named):
+#   tests         tests/test_kernels.py natively (TRITON_INTERPRET=0), hypothesis profile
+#                 "native": fixed seed, narrowed shapes, so few cold compiles
+#   bench_goal    kernels.bench on the goal shapes (B 4096 and 65536, N_m 8, N 8, d 8), every
+#                 implementation (fused, eager solve / solve_ex, torch.compile, CUDA graphs),
+#                 each checked before it is timed; registers and spills per kernel variant
+#   train_triton  one epoch of train.py with --kernel triton (ML-1M if its files are present in
+#                 ./data/ml-1m or $PLANREC_DATA/ml-1m, else --data synthetic); TRAIN_MAX_STEPS caps it
+#   train_eager   the same with --kernel eager
+#   bench_grid    a wider grid, fused vs eager (no compile)
+#   bench_poison  the goal shapes again with the tests' NaN fill of the outputs
+#
+# Each step gets a generous time limit for cold compiles, capped by what is left of the whole
+# run's budget (GPU_CHECK_BUDGET_S, default 540 s, so that one 10-minute device call always ends
+# with its summary). A step whose dependencies are missing is skipped and says which; the others
+# still run. Everything goes to OUTDIR: one log per step, CSVs (written row by row), the run
+# folders, summary.txt.
 set -u
-OUT=${1:?usage: kernels/gpu_check.sh OUTDIR}
+OUT=${1:?usage: kernels/gpu_check.sh OUTDIR [STEP ...]}
+shift
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
+ALL_STEPS="tests bench_goal train_triton train_eager bench_grid bench_poison"
+STEPS=${*:-$ALL_STEPS}
+for s in $STEPS; do
+    case " $ALL_STEPS " in *" $s "*) ;; *) echo "unknown step $s (steps: $ALL_STEPS)"; exit 2 ;; esac
+done
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
 
-# A python whose torch sees CUDA: $PYTHON, else the venv, else python3 / python.
+# A python with torch: $PYTHON, else the venv, else python3 / python.
 PY=""
 for cand in ${PYTHON:-} .venv/bin/python python3 python; do
-    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch, triton, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    if command -v "$cand" >/dev/null 2>&1 && "$cand" -c "import torch" 2>/dev/null; then
         PY=$cand
         break
     fi
 done
 if [ -z "$PY" ]; then
-    echo "no python with a CUDA torch and triton found" | tee "$OUT/summary.txt"
+    echo "no python with torch found (tried \$PYTHON, .venv/bin/python, python3, python): nothing can run" | tee -a "$SUMMARY"
     exit 1
 fi
 export TRITON_INTERPRET=0 PYTHONUNBUFFERED=1
 
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
+# What is installed: one word per missing dependency.
+MISSING=$("$PY" - <<'EOF'
+import importlib.util, torch
+missing = [m for m in ("triton", "pytest", "hypothesis", "numpy", "tqdm") if importlib.util.find_spec(m) is None]
+if not torch.cuda.is_available():
+    missing.append("CUDA")
+print(" ".join(missing))
+EOF
+)
+needs() {   # needs STEP -> the dependencies of that step
+    case $1 in
+        tests) echo "triton CUDA pytest hypothesis" ;;
+        bench_*) echo "triton CUDA" ;;
+        train_triton) echo "triton CUDA numpy tqdm" ;;
+        train_eager) echo "CUDA numpy tqdm" ;;
+    esac
+}
+limit_of() {   # generous limits: cold compiles of ~40 kernel variants, torch.compile per shape
+    case $1 in
+        tests) echo 300 ;; bench_goal) echo 360 ;; train_*) echo 240 ;; bench_grid) echo 240 ;; bench_poison) echo 90 ;;
+    esac
+}
+
 {
     echo "gpu_check $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo +dirty)"
-    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+    "$PY" -c "
+import torch
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = 'missing'
+cuda = torch.cuda.is_available()
+print('python', __import__('sys').version.split()[0], '| torch', torch.__version__, '| triton', tv, '| cuda', torch.version.cuda,
+      '|', torch.cuda.get_device_name() if cuda else 'no CUDA device')"
     nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader 2>/dev/null
+    echo "missing: ${MISSING:-nothing}; steps: $STEPS; budget ${BUDGET}s"
 } | tee -a "$SUMMARY"
 
-step() {   # step NAME LIMIT_S COMMAND...
-    local name=$1 limit=$2
-    shift 2
+DATA=synthetic
+for dir in data/ml-1m "${PLANREC_DATA:-/nonexistent}/ml-1m"; do
+    [ -f "$dir/ratings.dat" ] && DATA=ml-1m && break
+done
+
+step() {   # step NAME COMMAND...
+    local name=$1
+    shift
+    local dep missing_here=""
+    for dep in $(needs "$name"); do
+        case " $MISSING " in *" $dep "*) missing_here="$missing_here $dep" ;; esac
+    done
+    if [ -n "$missing_here" ]; then
+        printf '%-16s skipped (missing:%s)\n' "$name" "$missing_here" | tee -a "$SUMMARY"
+        return
+    fi
+    local left=$(( BUDGET - ($(date +%s) - START) - 15 ))      # 15 s kept for the summary
+    local limit
+    limit=$(limit_of "$name")
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 20 ]; then
+        printf '%-16s skipped (budget spent)\n' "$name" | tee -a "$SUMMARY"
+        return
+    fi
     echo "== $name (limit ${limit}s): $*"
     local t0 t1 rc
     t0=$(date +%s.%N)
     timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?
     t1=$(date +%s.%N)
-    local line
-    line=$(printf '%-16s rc=%-3s wall=%6.1fs%s' "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" \
-           "$([ "$rc" = 124 ] && echo '  (timed out)')")
-    echo "$line" | tee -a "$SUMMARY"
+    printf '%-16s rc=%-3s wall=%6.1fs%s\n' "$name" "$rc" "$(awk "BEGIN{print $t1 - $t0}")" \
+        "$([ "$rc" = 124 ] || [ "$rc" = 137 ] && echo '  (timed out)')" | tee -a "$SUMMARY"
     tail -n 25 "$OUT/$name.log"
 }
 
-step tests 150 env KERNEL_TEST_EXAMPLES=12 "$PY" -m pytest tests/test_kernels.py -p no:cacheprovider -q --durations=8
-step bench_goal 110 "$PY" -m kernels.bench --B 4096 65536 --Nm 8 --N 8 --d 8 --csv "$OUT/bench_goal.csv"
-step bench_grid 60 "$PY" -m kernels.bench --no-compile --B 4096 65536 --Nm 1 16 --N 8 16 --d 8 32 \
-    --csv "$OUT/bench_grid.csv"
-step bench_poison 25 "$PY" -m kernels.bench --no-compile --poison --B 4096 65536 --Nm 8 --N 8 --d 8 \
-    --csv "$OUT/bench_poison.csv"
-for kernel in triton eager; do
-    step "train_$kernel" 60 "$PY" train.py --data synthetic --epochs 1 --kernel "$kernel" --device cuda \
-        --out "$OUT/train_$kernel"
+GOAL="--B 4096 65536 --Nm 8 --N 8 --d 8"
+for s in $STEPS; do
+    case $s in
+        tests) step tests env KERNEL_TEST_PROFILE=native "$PY" -m pytest tests/test_kernels.py -p no:cacheprovider \
+                   -q --durations=8 ;;
+        bench_goal) step bench_goal "$PY" -m kernels.bench $GOAL --csv "$OUT/bench_goal.csv" ;;
+        bench_grid) step bench_grid "$PY" -m kernels.bench --no-compile --impls fused eager_solve fused_philox eager_rand \
+                        --B 4096 65536 --Nm 1 16 --N 8 16 --d 8 32 --csv "$OUT/bench_grid.csv" ;;
+        bench_poison) step bench_poison "$PY" -m kernels.bench --no-compile --poison --impls fused fused_philox $GOAL \
+                          --csv "$OUT/bench_poison.csv" ;;
+        train_triton|train_eager)
+            step "$s" "$PY" train.py --data "$DATA" --epochs 1 ${TRAIN_MAX_STEPS:+--max-steps "$TRAIN_MAX_STEPS"} \
+                --kernel "${s#train_}" --device cuda --out "$OUT/$s" ;;
+    esac
 done
 
-echo "== goals and train metrics" | tee -a "$SUMMARY"
-grep -h "^goal\|^device:" "$OUT"/bench_*.log | tee -a "$SUMMARY"
+echo "== goals, correctness, kernel variants, training" | tee -a "$SUMMARY"
+grep -h "^goal\|^device:\|^WRONG\|^failed\|^kernel variant" "$OUT"/bench_*.log 2>/dev/null | sort -u | tee -a "$SUMMARY"
 for kernel in triton eager; do
-    echo "-- train_$kernel: last lines" | tee -a "$SUMMARY"
-    tail -n 6 "$OUT/train_$kernel.log" | tee -a "$SUMMARY"
+    [ -f "$OUT/train_$kernel/metrics.json" ] || continue
+    "$PY" -c "
+import json, sys
+m = json.load(open(sys.argv[1]))
+for e in m['epochs']:
+    print(f\"train_$kernel ($DATA): epoch {e['epoch']} train {e['train_s']:.1f}s eval {e['eval_s']:.1f}s\")" \
+        "$OUT/train_$kernel/metrics.json" | tee -a "$SUMMARY"
+    # tqdm's last rate on the training bar: steps per second
+    tr '\r' '\n' < "$OUT/train_$kernel.log" | grep -o "epoch 1: 100%.*" | tail -n 1 | sed "s/^/train_$kernel: /" | tee -a "$SUMMARY"
 done
-echo "done; everything is in $OUT"
+echo "done in $(( $(date +%s) - START ))s; everything is in $OUT"

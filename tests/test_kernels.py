@@ -528,3 +528,42 @@ def test_model_agrees_with_eager_given_the_same_noise():
     assert g0.keys() == g1.keys()
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------
+# the benchmark's correctness check (kernels/bench.py), end to end with a stand-in timer
+# ------------------------------------------------------------------------------------------------
+
+@needs_kernel
+def test_bench_checks_every_implementation_before_timing_and_rejects_a_wrong_one():
+    bench = importlib.import_module("kernels.bench")
+
+    def transposed_wrong(z, A, la, le, S, k_A, k_e, tau=1.0, uA=None, ue=None):
+        """eager with I - M * A instead of I - (M * A)^T: a plausible bug."""
+        mask_A, mask_e = planrec.sample_masks(la, le, S, k_A, k_e, tau, uA, ue)
+        system = torch.eye(z.shape[1]) - mask_A * A
+        return torch.linalg.solve(system, mask_e[..., None] * z[:, None]), mask_A, mask_e
+
+    timed, written = [], []
+
+    def time_ms(run, grad_to_none):
+        """Stands in for triton.testing.do_bench: resets the inputs' gradients before each run."""
+        assert len(grad_to_none) == 3 and all(t.is_leaf and t.requires_grad for t in grad_to_none)
+        for _ in range(2):
+            for t in grad_to_none:
+                t.grad = None
+            run()
+        timed.append(run)
+        return 1.0
+
+    impls = {"fused": fused, "eager_solve": planrec.personalized_scm, "eager_solve_ex": bench.eager_solve_ex,
+             "fused_philox": fused, "eager_rand": planrec.personalized_scm}
+    rows = bench.measure_shape(3, 2, 5, 3, impls, ["fwd", "fwdbwd"], DEVICE, time_ms, float("nan"), "test",
+                               written.append)
+    assert rows == written and len(rows) == 2 * len(impls)
+    assert all(r["check"] == "ok" and r["median_ms"] == 1.0 for r in rows), [(r["impl"], r["note"]) for r in rows]
+    assert len(timed) == len(rows)
+    rows = bench.measure_shape(3, 2, 5, 3, {"eager_solve": planrec.personalized_scm, "eager_solve_ex": transposed_wrong},
+                               ["fwd"], DEVICE, time_ms, float("nan"), "test", lambda r: None)
+    wrong = [r for r in rows if r["impl"] == "eager_solve_ex"]
+    assert wrong[0]["check"] == "WRONG" and "e_star" in wrong[0]["note"] and math.isnan(wrong[0]["median_ms"])
