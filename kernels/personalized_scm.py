@@ -23,7 +23,7 @@ Backward, per row, with the upstream gradients grad_e_star, grad_mask_A, grad_ma
 are straight-through: hard 0/1 forward, the gradient of softmax(perturbed / tau) backward):
 
     factorize system^T = I - mask_A * A once
-    for each chunk:  lam = solve(system^T, grad_e_star[b, s, :, chunk])     # lam = S^-T g
+    for each chunk:  lam = solve(system^T, grad_e_star[b, s, :, chunk])  # system^-T grad_e_star
                      grad_z[b, :, chunk] += mask_e[:, None] * lam             (summed over s)
                      grad_P              += e_star[b, s, :, chunk] @ lam^T    (P = mask_A * A)
                      grad_mask_e         += sum over columns of z[b] * lam
@@ -193,6 +193,7 @@ if triton is not None:
         pivot = tl.zeros([ROWS, BLOCK_N], dtype=tl.int32)
         multipliers = tl.zeros([ROWS, BLOCK_N, BLOCK_N], dtype=tl.float32)
         for k in range(n):
+            # system[:, :, k], by the indexing idiom of the module docstring (no X[:, k] on tiles)
             column_k = tl.sum(tl.where(cols == k, system, 0.0), axis=2)                 # system[:, :, k]
             candidate = tl.where(free, tl.abs(column_k), -1.0)
             best = tl.max(candidate, axis=1)
@@ -589,8 +590,8 @@ def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
     """planrec.personalized_scm, fused; same signature and semantics plus an optional `seed`.
 
     z [B, N, d]; A [N, N]; logits_A [B, N, N] (diagonal ignored); logits_e [B, N]; uniform_A
-    [B, S, N, N] and uniform_e [B, S, N] optionally fix the noise. Returns e_star [B, S, N, d],
-    mask_A [B, S, N, N], mask_e [B, S, N]. With `seed` (and no uniforms) the noise is Philox
+    [B, N_m, N, N] and uniform_e [B, N_m, N] optionally fix the noise (N_m = n_samples). Returns
+    e_star [B, N_m, N, d], mask_A [B, N_m, N, N], mask_e [B, N_m, N]. With `seed` (and no uniforms) the noise is Philox
     drawn in the kernel and reproducible; without, the seed is drawn from torch's default
     generator (so torch.manual_seed makes runs reproducible).
 
@@ -615,7 +616,7 @@ def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
 
 
 def philox_uniforms(n_examples, n_samples, N, seed, device):
-    """The uniforms the kernel draws for `seed` (uniform_A [B, S, N, N], uniform_e [B, S, N]):
+    """The uniforms the kernel draws for `seed` (uniform_A [B, N_m, N, N], uniform_e [B, N_m, N]):
     planrec.personalized_scm fed with them computes what the kernel computes with `seed`."""
     n_A, n_e = n_examples * n_samples * N * N, n_examples * n_samples * N
     u = torch.empty(n_A + n_e, dtype=torch.float32, device=device)
