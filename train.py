@@ -195,9 +195,11 @@ def pick_scm(kernel, device):
 # Attributes for the disentanglement prior (section 2.3, Table 5)
 # ------------------------------------------------------------------------------------------------
 
-# Integer attributes are unordered classes, except these, whose codes are ordered bands: they are
-# regressed on (the paper: "regression for attributes with ordered values"). Our choice of which.
-ORDERED_ATTRIBUTES = ("age", "power", "price")
+# Integer attributes are unordered classes, except these of ML-1M and the synthetic world, whose
+# codes are ordered bands: they are regressed on (the paper: "regression for attributes with
+# ordered values"). Our choice of which. A generic log's text columns are always classes.
+ORDERED_ATTRIBUTES = {"ml-1m": ("age",), "synthetic": ("age", "power", "price"),
+                      "synthetic-ood": ("age", "power", "price")}
 
 
 def attribute_tables(data, tie_private=False):
@@ -214,11 +216,12 @@ def attribute_tables(data, tie_private=False):
     return tables
 
 
-def attribute_kind(name, table):
-    """('class' | 'multilabel' | 'regression', size) of one attribute table."""
+def attribute_kind(name, table, dataset):
+    """('class' | 'multilabel' | 'regression', size) of one attribute table of a dataset."""
     if table.ndim == 2:
         return "multilabel", table.shape[1]
-    if np.issubdtype(table.dtype, np.integer) and name.split(".", 1)[1] not in ORDERED_ATTRIBUTES:
+    ordered = ORDERED_ATTRIBUTES.get(dataset, ())
+    if np.issubdtype(table.dtype, np.integer) and name.split(".", 1)[1] not in ordered:
         return "class", int(table.max()) + 1
     return "regression", 1
 
@@ -236,7 +239,7 @@ def tied_attributes(data, prior, tie_private, n_user_factors, n_item_factors):
             sys.exit(f"error: --attribute-prior {prior}: the {data.name} data has no {side} attributes")
         if len(names) > room:
             print(f"note: {len(names)} {side} attributes but {room} {side}-side factors: tying {names[:room]}")
-        specs += [f"{name}:{kind}:{size}" for name in names[:room] for kind, size in [attribute_kind(name, tables[name])]]
+        specs += [f"{name}:{kind}:{size}" for name in names[:room] for kind, size in [attribute_kind(name, tables[name], data.name)]]
     return tuple(specs)
 
 
