@@ -252,31 +252,20 @@ def ensure_run(setup, spec, seed):
 
 
 def load_trained(folder, data_dir):
-    """The best checkpoint of a run folder as train.py's eval-only path loads it."""
+    """The best checkpoint of a run folder as train.py's eval-only path loads it:
+    (model, data, ckpt, attributes, device)."""
     path = Path(folder) / "best.pt"
     if not path.is_file():
         sys.exit(f"error: {path} not found; is {folder} a run folder of train.py?")
-    ckpt = train.load_checkpoint(path)
-    data = load_data(ckpt["data"], data_dir, json.dumps(ckpt.get("data_options", {}), sort_keys=True))
-    try:
-        cfg = planrec.Config(**ckpt["config"])
-    except (TypeError, ValueError) as err:
-        sys.exit(f"error: {path}: its config is not one this planrec.py knows ({err})")
     device = train.pick_device("auto")
     scm_fn, _ = train.pick_scm("auto", device)
-    model = train.load_model(cfg, ckpt["model"], scm_fn, device, path)
-    attributes = train.AttributeTargets(data, cfg, device, ckpt.get("tie_private", False)) if cfg.tied_attributes else None
-    return model, data, ckpt, attributes, device
+    return (*train.load_trained(path, data_dir, scm_fn, device), device)
 
 
 def write_test_scores(folder, data_dir):
-    """test_scores.npz exactly as train.main writes it, from the folder's best.pt (move into train.py)."""
+    """test_scores.npz as train.main writes it, from the folder's best.pt."""
     model, data, ckpt, _, device = load_trained(folder, data_dir)
-    result = train.run_split(model, data, "test", device, ckpt["seed"])
-    per_user = {"user_ids": data.raw_user_ids, "scores": result["scores"]}
-    if "uncertainty" in result:
-        per_user["uncertainty"] = result["uncertainty"]
-    train.write_npz(Path(folder) / "test_scores.npz", per_user)
+    train.write_test_scores(folder, data, train.run_split(model, data, "test", device, ckpt["seed"]))
 
 
 class Runs:

@@ -556,6 +556,28 @@ def load_model(cfg, state, scm_fn, device, source):
     return model
 
 
+def load_trained(checkpoint, data_dir, scm_fn, device):
+    """A checkpoint with its data, model and attribute targets: (model, data, ckpt, attributes)."""
+    ckpt = load_checkpoint(checkpoint)
+    data = load_data(ckpt["data"], data_dir, ckpt.get("data_options", {}))
+    try:
+        cfg = Config(**ckpt["config"])
+    except (TypeError, ValueError) as err:
+        sys.exit(f"error: {checkpoint}: its config is not one this planrec.py knows ({err})")
+    model = load_model(cfg, ckpt["model"], scm_fn, device, checkpoint)
+    attributes = AttributeTargets(data, cfg, device, ckpt.get("tie_private", False)) if cfg.tied_attributes else None
+    return model, data, ckpt, attributes
+
+
+def write_test_scores(out_dir, data, result):
+    """out_dir/test_scores.npz: per-user test scores (and uncertainty), users in data order, for
+    significance tests between runs (experiments.py)."""
+    per_user = {"user_ids": data.raw_user_ids, "scores": result["scores"]}
+    if "uncertainty" in result:
+        per_user["uncertainty"] = result["uncertainty"]
+    write_npz(Path(out_dir) / "test_scores.npz", per_user)
+
+
 def describe_choices(cfg, args):
     """Two lines: where this run departs from the paper's stated settings, and our values where the
     paper is silent."""
@@ -582,14 +604,7 @@ def main(argv=None):
     out_dir = Path(args.out)
 
     if args.eval_only:
-        ckpt = load_checkpoint(args.checkpoint)
-        data = load_data(ckpt["data"], args.data_dir, ckpt.get("data_options", {}))
-        try:
-            cfg = Config(**ckpt["config"])
-        except (TypeError, ValueError) as err:
-            sys.exit(f"error: {args.checkpoint}: its config is not one this planrec.py knows ({err})")
-        model = load_model(cfg, ckpt["model"], scm_fn, device, args.checkpoint)
-        attributes = AttributeTargets(data, cfg, device, ckpt.get("tie_private", False)) if cfg.tied_attributes else None
+        model, data, ckpt, attributes = load_trained(args.checkpoint, args.data_dir, scm_fn, device)
         results = {split: evaluate(model, data, split, device, ckpt["seed"], attributes) for split in ("valid", "test")}
         print(format_table([("valid", results["valid"]), ("test", results["test"])]))
         print(json.dumps(results))
@@ -666,11 +681,7 @@ def main(argv=None):
     model.load_state_dict(ckpt["model"])
     result = run_split(model, data, "test", device, args.seed, attributes)
     test = summarize_split(model, result, attributes)
-    # Per-user scores, for significance tests between runs (experiments.py): users in data order.
-    per_user = {"user_ids": data.raw_user_ids, "scores": result["scores"]}
-    if "uncertainty" in result:
-        per_user["uncertainty"] = result["uncertainty"]
-    write_npz(out_dir / "test_scores.npz", per_user)
+    write_test_scores(out_dir, data, result)
     popularity = datalib.ranking_metrics(datalib.popularity_scores(data, "test"))
     name = {"none": "VAE base", "shared": "+SSL", "personalized": "PlanRec"}[cfg.structure]
     rows = [(f"{name} ep{ckpt['epoch']}", test), ("popularity", popularity)]
