@@ -17,7 +17,8 @@
 #
 # Each step gets a generous time limit for cold compiles, capped by what is left of the whole
 # run's budget (GPU_CHECK_BUDGET_S, default 540 s, so that one 10-minute device call always ends
-# with its summary). A step whose dependencies are missing is skipped and says which; the others
+# with its summary); LIMIT_<step>=seconds overrides a step's own limit. A step whose dependencies
+# are missing is skipped and says which; the others
 # still run. Everything goes to OUTDIR: one log per step, CSVs (written row by row), the run
 # folders, summary.txt.
 set -u
@@ -68,6 +69,10 @@ needs() {   # needs STEP -> the dependencies of that step
     esac
 }
 limit_of() {   # generous limits: cold compiles of ~40 kernel variants, torch.compile per shape
+    # LIMIT_<step>=seconds overrides one step's limit (e.g. LIMIT_tests=120)
+    local override
+    override=$(printenv "LIMIT_$1")
+    [ -n "$override" ] && { echo "$override"; return; }
     case $1 in
         tests) echo 300 ;; bench_goal) echo 360 ;; train_*) echo 240 ;; bench_grid) echo 240 ;; bench_poison) echo 90 ;;
     esac
