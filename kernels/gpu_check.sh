@@ -6,9 +6,11 @@
 # Steps, in priority order (all of them when none is named):
 #   tests         tests/test_kernels.py natively (TRITON_INTERPRET=0), hypothesis profile
 #                 "native": fixed seed, narrowed shapes, so few cold compiles
-#   bench_goal    kernels.bench on the goal shapes (B 4096 and 65536, N_m 8, N 8, d 8), every
-#                 implementation (fused, eager solve / solve_ex, torch.compile, CUDA graphs),
-#                 each checked before it is timed; registers and spills per kernel variant
+#   bench_goal    kernels.bench on the goal shapes (B 4096 and 65536, N_m 8, N 8, d 8): fused and
+#                 eager (solve / solve_ex, noise as input or drawn in the op), each checked
+#                 before it is timed; registers and spills per kernel variant
+#   bench_compile the B 4096 goal shape against torch.compile, with and without CUDA graphs
+#                 (slow cold compiles, so a step of its own)
 #   train_triton  one epoch of train.py with --kernel triton (ML-1M if its files are present in
 #                 ./data/ml-1m or $PLANREC_DATA/ml-1m, else --data synthetic); TRAIN_MAX_STEPS caps it
 #   train_eager   the same with --kernel eager
@@ -27,7 +29,7 @@ shift
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-ALL_STEPS="tests bench_goal train_triton train_eager bench_grid bench_poison"
+ALL_STEPS="tests bench_goal bench_compile train_triton train_eager bench_grid bench_poison"
 STEPS=${*:-$ALL_STEPS}
 for s in $STEPS; do
     case " $ALL_STEPS " in *" $s "*) ;; *) echo "unknown step $s (steps: $ALL_STEPS)"; exit 2 ;; esac
@@ -74,7 +76,7 @@ limit_of() {   # generous limits: cold compiles of ~40 kernel variants, torch.co
     override=$(printenv "LIMIT_$1")
     [ -n "$override" ] && { echo "$override"; return; }
     case $1 in
-        tests) echo 300 ;; bench_goal) echo 360 ;; train_*) echo 240 ;; bench_grid) echo 240 ;; bench_poison) echo 90 ;;
+        tests) echo 300 ;; bench_goal) echo 240 ;; bench_compile) echo 240 ;; train_*) echo 240 ;; bench_grid) echo 240 ;; bench_poison) echo 90 ;;
     esac
 }
 
@@ -133,7 +135,9 @@ for s in $STEPS; do
     case $s in
         tests) step tests env KERNEL_TEST_PROFILE=native "$PY" -m pytest tests/test_kernels.py -p no:cacheprovider \
                    -q --durations=8 ;;
-        bench_goal) step bench_goal "$PY" -m kernels.bench $GOAL --csv "$OUT/bench_goal.csv" ;;
+        bench_goal) step bench_goal "$PY" -m kernels.bench --no-compile $GOAL --csv "$OUT/bench_goal.csv" ;;
+        bench_compile) step bench_compile "$PY" -m kernels.bench --impls fused eager_solve eager_solve_ex compile \
+                           compile_cudagraphs --B 4096 --Nm 8 --N 8 --d 8 --csv "$OUT/bench_compile.csv" ;;
         bench_grid) step bench_grid "$PY" -m kernels.bench --no-compile --impls fused eager_solve fused_philox eager_rand \
                         --B 4096 65536 --Nm 1 16 --N 8 16 --d 8 32 --csv "$OUT/bench_grid.csv" ;;
         bench_poison) step bench_poison "$PY" -m kernels.bench --no-compile --poison --impls fused fused_philox $GOAL \
