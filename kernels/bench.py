@@ -4,6 +4,7 @@
     python -m kernels.bench --B 4096 --Nm 8 --N 8 --d 8 --csv out.csv
     python -m kernels.bench --no-compile          # skip the torch.compile rows (slow to compile)
     python -m kernels.bench --poison              # fused with the NaN fill the tests use
+    python -m kernels.bench --sweep               # the fused kernel's rows/examples per program x warps
 
 Implementations ("impl" column). The first five get IDENTICAL inputs, the noise included
 (uniform_A, uniform_e drawn once per shape), so each computes the same function on the same
@@ -304,6 +305,56 @@ def measure_shape(B, S, N, d, impls, modes, device, time_ms, copy_bw, device_nam
     return rows
 
 
+SWEEP = dict(rows=(8, 16, 32, 64), examples=(1, 2, 4, 8), warps=(1, 2, 4, 8))
+
+
+def sweep_blocks(shapes, writer, device="cuda", time_ms=None, copy_bw=None, grid=SWEEP):
+    """The fused kernel's launch parameters: forward rows per program x warps (fwd), then
+    backward examples per program x warps with the default forward (fwdbwd), at each (B, N_m, N, d)
+    of `shapes`. Each variant is checked against eager_solve before it is timed, like every other
+    row. Returns the rows and one "best" line per shape and mode."""
+    kmod = importlib.import_module("kernels.personalized_scm")
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    if time_ms is None:
+        import triton.testing
+        copy_bw = copy_bandwidth(triton.testing.do_bench)
+
+        def time_ms(run, grad_to_none):
+            return triton.testing.do_bench(run, grad_to_none=grad_to_none, return_mode="median")
+    print(f"device: {name}; copy bandwidth {copy_bw / 1e9:.0f} GB/s; default launch: {kmod.NUM_WARPS} warps, "
+          f"about {kmod.TILE_ELEMENTS} elements per tile")
+
+    def fused_with(blocks):
+        def fn(z, A, la, le, S, k_A, k_e, tau=1.0, uA=None, ue=None):
+            return kmod.PersonalizedSCMFunction.apply(z, A, la, le, S, k_A, k_e, float(tau), uA, ue, SEED, blocks)
+        return fn
+    rows, best_lines = [], []
+    for B, S, N, d in shapes:
+        variants = {"fwd": {f"fused rows={r} warps={w}": kmod.Blocks(rows=r, warps=w)
+                            for r in grid["rows"] for w in grid["warps"]},
+                    "fwdbwd": {f"fused examples={e} bwarps={w}": kmod.Blocks(examples=e, backward_warps=w)
+                               for e in grid["examples"] for w in grid["warps"]}}
+        for mode, blocks in variants.items():
+            impls = {"eager_solve": planrec.personalized_scm, "fused": kmod.personalized_scm}
+            impls.update({label: fused_with(b) for label, b in blocks.items()})
+            shape_rows = measure_shape(B, S, N, d, impls, [mode], device, time_ms, copy_bw, name, writer,
+                                       header=not rows)
+            rows += shape_rows
+            timed = [r for r in shape_rows if r["impl"].startswith("fused ") and r["check"] == "ok"]
+            default = next(r for r in shape_rows if r["impl"] == "fused")
+            if timed:
+                best = min(timed, key=lambda r: r["median_ms"])
+                best_lines.append(f"sweep best {mode:6s} B={B} N_m={S} N={N} d={d}: {best['impl']} "
+                                  f"{best['median_ms']:.4f} ms vs default {default['median_ms']:.4f} ms "
+                                  f"({default['median_ms'] / best['median_ms']:.2f}x)")
+                print(best_lines[-1])
+        for line in kmod.compiled_variant_report():
+            print(f"kernel variant: {line}")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows, best_lines
+
+
 def bench_cpu(grid, args, writer):
     print("no CUDA device: timing the eager function only, on the CPU. The fused Triton kernel needs a GPU "
           "(under TRITON_INTERPRET=1 it runs in Python, which measures nothing), and there is no device "
@@ -357,6 +408,9 @@ def main(argv=None):
                    help="CUDA: only these implementations (default: all)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--poison", action="store_true", help="fused: NaN-fill the output buffers first, as the tests do")
+    p.add_argument("--sweep", action="store_true",
+                   help="CUDA: time the fused kernel's launch parameters (rows or examples per program, warps) at "
+                        "--B (default 4096 65536) and the first --Nm/--N/--d (default 8)")
     p.add_argument("--cpu-reps", type=int, default=15)
     p.add_argument("--threads", type=int, default=None,
                    help="CPU path: torch threads (1 is steadier on a shared machine; default: torch's)")
@@ -378,9 +432,15 @@ def main(argv=None):
         def writer(row):              # row by row: a run cut short keeps what it measured
             w.writerow(row)
             f.flush()
-        rows = bench_cuda(grid, args, writer) if cuda else bench_cpu(grid, args, writer)
+        if args.sweep and not cuda:
+            raise SystemExit("--sweep times the compiled kernel and needs a CUDA device")
+        if args.sweep:
+            shapes = [(B, (args.Nm or [8])[0], (args.N or [8])[0], (args.d or [8])[0]) for B in args.B or [4096, 65536]]
+            rows, _ = sweep_blocks(shapes, writer)
+        else:
+            rows = bench_cuda(grid, args, writer) if cuda else bench_cpu(grid, args, writer)
     print(f"wrote {len(rows)} rows to {args.csv}")
-    if cuda:
+    if cuda and not args.sweep:
         report_goals(rows)
 
 

@@ -109,6 +109,7 @@ MAX_SAMPLES = 16
 MAX_BLOCK_C = 32              # columns per chunk: wider z loops over chunks inside the kernel
 DTYPES = (torch.float32, torch.bfloat16)
 TILE_ELEMENTS = 2048          # target size of the largest per-program register tile
+NUM_WARPS = 4                 # warps per program (`python -m kernels.bench --sweep` times others)
 # NaN-fill output buffers before each launch, so a test catches any element a kernel fails to
 # write. It costs one extra write pass, so it is on only where the tests (or this variable) ask.
 POISON_OUTPUTS = os.environ.get("PLANREC_POISON_OUTPUTS") == "1"
@@ -404,6 +405,8 @@ class Blocks(NamedTuple):
     rows: Optional[int] = None          # forward rows per program
     examples: Optional[int] = None      # backward examples per program
     cols: Optional[int] = None          # right-hand-side columns per chunk
+    warps: Optional[int] = None         # forward num_warps (default NUM_WARPS)
+    backward_warps: Optional[int] = None    # backward num_warps (default NUM_WARPS)
 
 
 def _poisoned(shape, dtype, device):
@@ -476,7 +479,7 @@ def _forward(z, A, logits_A, logits_e, n_samples, k_A, k_e, uniform_A, uniform_e
             HAS_UNIFORM_A=uniform_A is not None, HAS_UNIFORM_E=uniform_e is not None,
             BLOCK_ROWS=block_rows, BLOCK_N=block_n, BLOCK_C=block_c,
             INDEX_BITS_A=(block_n * block_n).bit_length() - 1, INDEX_BITS_E=block_n.bit_length() - 1,
-            num_warps=4)
+            num_warps=(blocks and blocks.warps) or NUM_WARPS)
     return e_star, mask_A, mask_e
 
 
@@ -504,7 +507,7 @@ def _backward(z, A, logits_A, logits_e, uniform_A, uniform_e, seed, tau,
                 NEED_GRAD_A=need_grad_A,
                 BLOCK_EXAMPLES=block_examples, SAMPLES_PAD=samples_pad, BLOCK_ROWS=block_examples * samples_pad,
                 BLOCK_N=block_n, BLOCK_C=block_c,
-                num_warps=4)
+                num_warps=(blocks and blocks.backward_warps) or NUM_WARPS)
     grad_A = None
     if need_grad_A:    # a fixed-order sum of the per-program partials: deterministic
         grad_A = grad_A_partial.sum(0) if n_examples > 0 else torch.zeros(N, N, dtype=torch.float32, device=dev)
