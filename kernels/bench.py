@@ -321,7 +321,8 @@ def sweep_blocks(shapes, writer, device="cuda", time_ms=None, copy_bw=None, grid
 
         def time_ms(run, grad_to_none):
             return triton.testing.do_bench(run, grad_to_none=grad_to_none, return_mode="median")
-    print(f"device: {name}; copy bandwidth {copy_bw / 1e9:.0f} GB/s; default launch: {kmod.NUM_WARPS} warps, "
+    print(f"device: {name}; copy bandwidth {copy_bw / 1e9:.0f} GB/s; default launch: {kmod.NUM_WARPS} warps forward, "
+          f"{kmod.BACKWARD_NUM_WARPS} backward, "
           f"about {kmod.TILE_ELEMENTS} elements per tile")
 
     def fused_with(blocks):

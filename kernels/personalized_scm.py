@@ -42,7 +42,7 @@ to BLOCK_N and the chunk to BLOCK_C (powers of two), padding masked off.
 - backward: program p takes BLOCK_EXAMPLES whole examples; its rows are (example, sample slot)
   with SAMPLES_PAD = next_power_of_2(n_samples) slots per example, so that the sums over samples
   (grad_z, grad_logits_A, grad_logits_e) are a reshape and a sum inside the program: no atomics,
-  no per-sample partial buffers. At B = 4096, N_m = 8, N = d = 8 that is 1024 programs.
+  no per-sample partial buffers. At B = 4096, N_m = 8, N = d = 8 that is 2048 programs.
 
 Indexing a register tile. Triton cannot index a tile with a runtime value (X[:, k] does not
 exist), so row or column k of a tile is read as
@@ -108,8 +108,13 @@ MAX_N = 32
 MAX_SAMPLES = 16
 MAX_BLOCK_C = 32              # columns per chunk: wider z loops over chunks inside the kernel
 DTYPES = (torch.float32, torch.bfloat16)
-TILE_ELEMENTS = 2048          # target size of the largest per-program register tile
-NUM_WARPS = 4                 # warps per program (`python -m kernels.bench --sweep` times others)
+# Launch parameters, from `python -m kernels.bench --sweep` on an H200 (BENCHMARKS.md): at
+# B = 4096 and 65536, N_m = N = d = 8, 16 rows per program (1024-element tiles) with 4 warps in
+# the forward and 2 in the backward beat every other combination of rows 8-64 x warps 1-8 tried
+# (forward 1.4-1.5x, backward 1.2-2x the old 2048-element tiles with 4 warps, which spilled).
+TILE_ELEMENTS = 1024          # target size of the largest per-program register tile
+NUM_WARPS = 4                 # forward warps per program
+BACKWARD_NUM_WARPS = 2        # backward warps per program
 # NaN-fill output buffers before each launch, so a test catches any element a kernel fails to
 # write. It costs one extra write pass, so it is on only where the tests (or this variable) ask.
 POISON_OUTPUTS = os.environ.get("PLANREC_POISON_OUTPUTS") == "1"
@@ -406,7 +411,7 @@ class Blocks(NamedTuple):
     examples: Optional[int] = None      # backward examples per program
     cols: Optional[int] = None          # right-hand-side columns per chunk
     warps: Optional[int] = None         # forward num_warps (default NUM_WARPS)
-    backward_warps: Optional[int] = None    # backward num_warps (default NUM_WARPS)
+    backward_warps: Optional[int] = None    # backward num_warps (default BACKWARD_NUM_WARPS)
 
 
 def _poisoned(shape, dtype, device):
@@ -507,7 +512,7 @@ def _backward(z, A, logits_A, logits_e, uniform_A, uniform_e, seed, tau,
                 NEED_GRAD_A=need_grad_A,
                 BLOCK_EXAMPLES=block_examples, SAMPLES_PAD=samples_pad, BLOCK_ROWS=block_examples * samples_pad,
                 BLOCK_N=block_n, BLOCK_C=block_c,
-                num_warps=(blocks and blocks.backward_warps) or NUM_WARPS)
+                num_warps=(blocks and blocks.backward_warps) or BACKWARD_NUM_WARPS)
     grad_A = None
     if need_grad_A:    # a fixed-order sum of the per-program partials: deterministic
         grad_A = grad_A_partial.sum(0) if n_examples > 0 else torch.zeros(N, N, dtype=torch.float32, device=dev)
