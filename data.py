@@ -17,6 +17,15 @@ Protocol (paper §3.1 "Evaluation Protocol" / "Implementation Details", DIN/NCF-
   - the second-to-last interaction is a validation target. The paper has NO validation set; we
     add one for model selection (our choice) so that the test target is never used to tune.
 
+Table 4(b)'s protocol (§3.3.2), ML-1M-format data only, `protocol="halves"`: each user's sequence
+is split in the middle (the first L // 2 items, the rest), "the first half of behaviors for
+training, and the second half of behaviors for testing". The paper does not say how the second
+half is scored; our choice keeps one ranking per user like the protocol above: the test target is
+the user's last item (the end of the second half, 50 items of history before it, mostly second
+half), the validation target the last item of the first half, and no second-half item is ever a
+training target. `users="iid"|"ood"` keeps only the users whose interest consistency
+(`interest_consistency`) is at least / below the mean over all users, the paper's two datasets.
+
 Everything derived (sequences, splits, evaluation candidates, attributes) is cached in one .npz
 keyed by the content of the source files and the protocol settings.
 """
@@ -47,7 +56,11 @@ ML1M_AGE_CODES = (1, 18, 25, 35, 45, 50, 56)  # users.dat "Age" codes; we store 
 ML1M_AGE_BANDS = ("Under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+")
 GENDERS = ("F", "M")  # gender attribute: 0 = F, 1 = M
 MIN_INTERACTIONS = 3  # a user needs a training item, a validation target and a test target
-PROTOCOL_VERSION = 1  # bump whenever the derived arrays change meaning; invalidates every cache
+# protocol "halves": a first half of at least 3 (history, training target, validation target)
+MIN_INTERACTIONS_HALVES = 6
+PROTOCOLS = ("leave-last", "halves")
+USER_GROUPS = ("all", "iid", "ood")  # Table 4(b): users split by interest consistency
+PROTOCOL_VERSION = 2  # bump whenever the derived arrays change meaning; invalidates every cache
 DATASETS = ("ml-1m", "synthetic", "synthetic-ood", "amazon-book", "interactions")
 # Amazon-Book: the "ratings only" Books file of the Amazon review data (McAuley et al., 2014
 # release); 22,507,155 lines user,item,rating,timestamp, no header. Not downloadable here and
@@ -627,22 +640,27 @@ def _sample_eval_negatives(sorted_keys, lengths, n_items, k, rng):
     return out
 
 
-def _protocol_arrays(user_raw, item_raw, timestamp, seed, n_eval_negatives, folder, user_names=None):
+def _protocol_arrays(user_raw, item_raw, timestamp, seed, n_eval_negatives, folder, user_names=None,
+                     protocol="leave-last"):
     """The protocol's arrays from one interaction log (parallel arrays in file order; raw ids
     any sortable integers): users and items re-indexed in ascending raw id, sequences, splits,
     evaluation candidates, raw_user_ids / raw_item_ids. Shared by every dataset. user_names:
-    the ids' text by raw id, for messages (None: the raw ids are the ids, as in ML-1M)."""
+    the ids' text by raw id, for messages (None: the raw ids are the ids, as in ML-1M).
+    protocol: "leave-last" (§3.1) or "halves" (Table 4(b), see the module docstring)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    minimum = MIN_INTERACTIONS if protocol == "leave-last" else MIN_INTERACTIONS_HALVES
     uniq_users, counts = np.unique(user_raw, return_counts=True)
-    if (counts < MIN_INTERACTIONS).any():
-        short = uniq_users[counts < MIN_INTERACTIONS]
+    if (counts < minimum).any():
+        short = uniq_users[counts < minimum]
         example = (f"UserID {short[0]}" if user_names is None else
                    f"user {user_names[short[0]].decode('utf-8', 'backslashreplace')!r}")
-        warnings.warn(f"{folder}: dropping {len(short)} users with fewer than {MIN_INTERACTIONS} "
+        warnings.warn(f"{folder}: dropping {len(short)} users with fewer than {minimum} "
                       f"interactions (no room for train/validation/test), e.g. {example}")
         keep = ~np.isin(user_raw, short)
         user_raw, item_raw, timestamp = user_raw[keep], item_raw[keep], timestamp[keep]
     if len(user_raw) == 0:
-        raise ValueError(f"{folder}: no user has {MIN_INTERACTIONS} or more ratings")
+        raise ValueError(f"{folder}: no user has {minimum} or more ratings")
     raw_user_ids, user = np.unique(user_raw, return_inverse=True)
     raw_items, item = np.unique(item_raw, return_inverse=True)
     item = item + 1  # 0 is padding
@@ -655,7 +673,14 @@ def _protocol_arrays(user_raw, item_raw, timestamp, seed, n_eval_negatives, fold
     user_offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     user_of_pos = np.repeat(np.arange(n_users), lengths)
     t = np.arange(len(item_seq)) - user_offsets[user_of_pos]  # position within the user's sequence
-    in_train_part = t <= lengths[user_of_pos] - 3  # last two are validation and test
+    test_pos = user_offsets[1:] - 1  # both protocols test on each user's last item
+    if protocol == "leave-last":
+        valid_pos = user_offsets[1:] - 2
+        in_train_part = t <= lengths[user_of_pos] - 3  # last two are validation and test
+    else:  # halves: train on the first half but its last item (validation); test in the second
+        half = lengths // 2
+        valid_pos = user_offsets[:-1] + half - 1
+        in_train_part = t <= half[user_of_pos] - 2
     # Every training position with some history is a positive (DIN-style; the paper does not spell
     # out how training examples are formed, our choice). t=0 has no history: it is history only.
     train_pos = np.flatnonzero(in_train_part & (t >= 1))
@@ -673,30 +698,48 @@ def _protocol_arrays(user_raw, item_raw, timestamp, seed, n_eval_negatives, fold
         "n_users": np.int64(n_users), "n_items": np.int64(n_items),
         "item_seq": item_seq, "user_offsets": user_offsets,
         "train_user": user_of_pos[train_pos].astype(np.int64), "train_pos": train_pos.astype(np.int64),
-        "valid_candidates": np.column_stack([item_seq[user_offsets[1:] - 2], valid_neg]),
-        "test_candidates": np.column_stack([item_seq[user_offsets[1:] - 1], test_neg]),
+        "valid_pos": valid_pos.astype(np.int64), "test_pos": test_pos.astype(np.int64),
+        "valid_candidates": np.column_stack([item_seq[valid_pos], valid_neg]),
+        "test_candidates": np.column_stack([item_seq[test_pos], test_neg]),
         "item_train_count": np.bincount(item_seq[in_train_part], minlength=n_items + 1).astype(np.int64),
         "raw_user_ids": raw_user_ids.astype(np.int64),
         "raw_item_ids": np.concatenate([[0], raw_items]).astype(np.int64),
     }
 
 
-def _build(ratings, users, movies, seed, n_eval_negatives, folder):
+def _genres(movies, raw_items, genre_names):
+    """[len(raw_items) + 1, n_genres] float32 multi-hot genres of the re-indexed items (row 0:
+    padding)."""
+    movie_sorter = np.argsort(movies["movie_id"])
+    movie_row = movie_sorter[np.searchsorted(movies["movie_id"], raw_items, sorter=movie_sorter)]
+    column = {g: j for j, g in enumerate(genre_names)}
+    genres = np.zeros((len(raw_items) + 1, len(genre_names)), dtype=np.float32)
+    for i, row in enumerate(movie_row, 1):  # ~4k items, once per build
+        genres[i, [column[g] for g in movies["genres"][row]]] = 1.0
+    return genres, movie_row
+
+
+def _build(ratings, users, movies, seed, n_eval_negatives, folder, protocol="leave-last", user_group="all"):
     """Everything derived from ML-1M-format tables, as a dict of arrays (what the cache stores)."""
+    if user_group not in USER_GROUPS:
+        raise ValueError(f"unknown user group {user_group!r}; choose one of {', '.join(USER_GROUPS)}")
+    genre_names = sorted({g for genres in movies["genres"] for g in genres})
+    if user_group != "all":  # interest consistency over every user's whole sequence, then the group
+        every = _protocol_arrays(ratings["user"], ratings["item"], ratings["timestamp"], seed, 0, folder)
+        genres, _ = _genres(movies, every["raw_item_ids"][1:], genre_names)
+        consistency = interest_consistency(every["item_seq"], every["user_offsets"], genres)
+        iid = consistency >= consistency.mean()
+        chosen = every["raw_user_ids"][iid if user_group == "iid" else ~iid]
+        keep = np.isin(ratings["user"], chosen)
+        ratings = {k: v[keep] for k, v in ratings.items()}
     arrays = _protocol_arrays(ratings["user"], ratings["item"], ratings["timestamp"], seed,
-                              n_eval_negatives, folder)
+                              n_eval_negatives, folder, protocol=protocol)
     raw_user_ids, raw_items = arrays["raw_user_ids"], arrays["raw_item_ids"][1:]
     n_items = len(raw_items)
     # Attributes, aligned with the re-indexed users and items.
     user_sorter = np.argsort(users["user_id"])
     user_row = user_sorter[np.searchsorted(users["user_id"], raw_user_ids, sorter=user_sorter)]
-    movie_sorter = np.argsort(movies["movie_id"])
-    movie_row = movie_sorter[np.searchsorted(movies["movie_id"], raw_items, sorter=movie_sorter)]
-    genre_names = sorted({g for genres in movies["genres"] for g in genres})
-    column = {g: j for j, g in enumerate(genre_names)}
-    genres = np.zeros((n_items + 1, len(genre_names)), dtype=np.float32)
-    for i, row in enumerate(movie_row, 1):  # ~4k items, once per build
-        genres[i, [column[g] for g in movies["genres"][row]]] = 1.0
+    genres, movie_row = _genres(movies, raw_items, genre_names)
     year = np.zeros(n_items + 1, dtype=np.float32)
     year[1:] = movies["year"][movie_row]
     return {
@@ -718,6 +761,8 @@ class RecData:
     user_offsets: np.ndarray  # [n_users + 1] user u is item_seq[user_offsets[u]:user_offsets[u+1]]
     train_user: np.ndarray  # [n_train] user of each training target
     train_pos: np.ndarray  # [n_train] index into item_seq of each training target (t >= 1)
+    valid_pos: np.ndarray  # [n_users] index into item_seq of each user's validation target
+    test_pos: np.ndarray  # [n_users] index into item_seq of each user's test target
     valid_candidates: np.ndarray  # [n_users, 1 + n_eval_negatives], column 0 = validation item
     test_candidates: np.ndarray  # [n_users, 1 + n_eval_negatives], column 0 = test item
     item_train_count: np.ndarray  # [n_items + 1] interactions per item in the training part
@@ -763,12 +808,12 @@ class RecData:
 
     def eval_split(self, split):
         """(users [n_users], history [n_users, history_len], candidates [n_users, 1 + n_neg]).
-        The test history includes the validation item; the validation history excludes both
-        targets."""
+        The history is the items before the target: under leave-last, the test history includes
+        the validation item and the validation history excludes both targets."""
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         users = np.arange(self.n_users, dtype=np.int64)
-        target_pos = self.user_offsets[1:] - (2 if split == "valid" else 1)
+        target_pos = self.valid_pos if split == "valid" else self.test_pos
         candidates = self.valid_candidates if split == "valid" else self.test_candidates
         return users, self.history(users, target_pos), candidates
 
@@ -874,6 +919,7 @@ def _from_arrays(arrays, name, folder, history_len):
         name=name, n_users=int(arrays["n_users"]), n_items=int(arrays["n_items"]),
         item_seq=arrays["item_seq"], user_offsets=arrays["user_offsets"],
         train_user=arrays["train_user"], train_pos=arrays["train_pos"],
+        valid_pos=arrays["valid_pos"], test_pos=arrays["test_pos"],
         valid_candidates=arrays["valid_candidates"], test_candidates=arrays["test_candidates"],
         item_train_count=arrays["item_train_count"],
         user_attrs=prefixed("user_attr."), item_attrs=prefixed("item_attr."),
@@ -901,21 +947,29 @@ def _load_cached(name, folder, sources, settings, build, history_len, rebuild):
 
 
 def _load_folder(folder, name, expected_counts, seed=0, n_eval_negatives=100,
-                 history_len=HISTORY_LEN, rebuild=False):
+                 history_len=HISTORY_LEN, rebuild=False, protocol="leave-last", users="all"):
     """An ML-1M-format folder (ML-1M itself, the synthetic worlds) under the protocol."""
     settings = {"name": name, "seed": seed, "n_eval_negatives": n_eval_negatives,
                 "history_len": history_len}
-    build = lambda: _build(*read_movielens(folder, expected_counts), seed, n_eval_negatives, folder)
+    if (protocol, users) != ("leave-last", "all"):  # the default's key is the same formula as before
+        settings.update(protocol=protocol, users=users)
+    build = lambda: _build(*read_movielens(folder, expected_counts), seed, n_eval_negatives, folder,
+                           protocol, users)
     return _load_cached(name, folder, [Path(folder) / f for f in ML1M_FILES], settings, build,
                         history_len, rebuild)
 
 
 def load_movielens(root=None, download=True, seed=0, n_eval_negatives=100,
-                   history_len=HISTORY_LEN, rebuild=False):
+                   history_len=HISTORY_LEN, rebuild=False, protocol="leave-last", users="all"):
     """MovieLens-1M under the protocol, from the cache when the files and settings match.
-    rebuild=True ignores (and overwrites) an existing cache."""
+    rebuild=True ignores (and overwrites) an existing cache. protocol / users: Table 4(b)'s
+    re-split (module docstring)."""
+    for value, allowed, what in ((protocol, PROTOCOLS, "protocol"), (users, USER_GROUPS, "users")):
+        if value not in allowed:
+            raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
     folder = find_ml1m(root, download)
-    return _load_folder(folder, "ml-1m", ML1M_COUNTS, seed, n_eval_negatives, history_len, rebuild)
+    return _load_folder(folder, "ml-1m", ML1M_COUNTS, seed, n_eval_negatives, history_len, rebuild,
+                        protocol, users)
 
 
 def find_log(name, root=None):
@@ -971,7 +1025,11 @@ def load_dataset(name, root=None, seed=0, **kw):
     'amazon-book' / 'interactions' -> load_log(name, root, seed, min_interactions=...).
     seed is the protocol seed (evaluation negatives), not the world's."""
     protocol = {k: kw.pop(k) for k in ("n_eval_negatives", "history_len", "rebuild") if k in kw}
+    resplit = {k: kw.pop(k) for k in ("protocol", "users") if k in kw}
     if name in ("amazon-book", "interactions"):
+        if resplit.get("protocol", "leave-last") != "leave-last" or resplit.get("users", "all") != "all":
+            raise ValueError(f"{name}: the halves protocol and the interest-consistency user groups "
+                             f"need item genres; use ml-1m or a synthetic world")
         kw.pop("download", None)  # nothing is ever downloaded for these
         if set(kw) - {"min_interactions"}:
             raise ValueError(f"{name} takes no option(s) {', '.join(sorted(set(kw) - {'min_interactions'}))}")
@@ -980,7 +1038,7 @@ def load_dataset(name, root=None, seed=0, **kw):
         raise ValueError(f"--min-interactions (min_interactions) applies to amazon-book and "
                          f"interactions; {name} is used as it is (every user keeps all ratings)")
     if name == "ml-1m":
-        return load_movielens(root, seed=seed, **protocol, **kw)
+        return load_movielens(root, seed=seed, **protocol, **resplit, **kw)
     if name in ("synthetic", "synthetic-ood"):
         folder = Path(root).expanduser() if root is not None else Path("data") / name
         kw.pop("download", None)  # nothing to download: the world is generated locally
@@ -996,8 +1054,52 @@ def load_dataset(name, root=None, seed=0, **kw):
                 raise ValueError(f"{folder} holds a synthetic world made with other settings "
                                  f"(setting: (stored, requested)) {differing}; delete the folder "
                                  f"or choose another --data-dir")
-        return _load_folder(folder, name, None, seed, **protocol)
+        return _load_folder(folder, name, None, seed, **protocol, **resplit)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Users: genre distributions and interest consistency (section 3.3.2)
+
+def genre_counts(item_seq, user_offsets, item_genres, halves=False):
+    """[U, G] genre mass of each user's interactions ([U, 2, G] for the two halves of the sequence,
+    split in the middle, the second half one longer for odd lengths). An item spreads one unit
+    evenly over its genres (our choice for multi-genre movies)."""
+    item_genres = np.asarray(item_genres, dtype=np.float64)
+    weight = item_genres / np.maximum(item_genres.sum(1, keepdims=True), 1.0)
+    lengths = np.diff(user_offsets)
+    n_users = len(lengths)
+    user = np.repeat(np.arange(n_users), lengths)
+    bucket = user
+    if halves:
+        position = np.arange(len(item_seq)) - user_offsets[user]
+        bucket = 2 * user + (position >= lengths[user] // 2)
+    n_buckets = 2 * n_users if halves else n_users
+    counts = np.stack([np.bincount(bucket, weights=weight[item_seq, g], minlength=n_buckets)
+                       for g in range(item_genres.shape[1])], 1)
+    return counts.reshape(n_users, 2, -1) if halves else counts
+
+
+def normalize_rows(counts):
+    return counts / np.maximum(counts.sum(-1, keepdims=True), 1e-12)
+
+
+def js_divergence(p, q):
+    """Jensen-Shannon divergence of distributions in the last axis, in bits (0..1)."""
+    m = 0.5 * (p + q)
+    kl = lambda a: np.where(a > 0, a * np.log2(np.where(a > 0, a, 1.0) / np.where(m > 0, m, 1.0)), 0.0).sum(-1)
+    return 0.5 * kl(p) + 0.5 * kl(q)
+
+
+def interest_consistency(item_seq, user_offsets, item_genres):
+    """[U] in 0..1: 1 - I(H; C) / log 2, where I(H; C) is the mutual information between which half
+    of the user's sequence an interaction comes from (H, the halves weighted equally) and its genre
+    (C). Section 3.3.2 asks for "the mutual information of these two distributions" as a score that
+    is high for consistent users; I(H; C) is zero exactly when the halves' genre distributions are
+    equal and log 2 when they share no genre, so we use one minus it (our choice). I(H; C) with
+    equal weights is the Jensen-Shannon divergence of the two halves' distributions."""
+    halves = normalize_rows(genre_counts(item_seq, user_offsets, item_genres, halves=True))
+    return 1.0 - js_divergence(halves[:, 0], halves[:, 1])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,6 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--min-interactions", type=int, default=None, metavar="K",
                    help="k-core filter: keep users and items with at least K interactions "
                         "(default: 16 for amazon-book, none otherwise)")
+    p.add_argument("--protocol", choices=datalib.PROTOCOLS, default="leave-last",
+                   help="leave-last (section 3.1): test on each user's last item; halves (Table 4(b)): train on "
+                        "the first half of each user's sequence, test on the last item of the second half")
+    p.add_argument("--users", choices=datalib.USER_GROUPS, default="all",
+                   help="Table 4(b): keep the users whose interest consistency is at least (iid) or below (ood) "
+                        "the mean; ml-1m and synthetic data")
     p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 10 on synthetic data, else 3)")
     p.add_argument("--batch-size", type=int, default=4096, help="scored (user, item) pairs per step, positives plus negatives (paper: 4096)")
     p.add_argument("--negatives", type=int, default=1, help="negatives drawn per positive each epoch")
@@ -164,7 +170,10 @@ def model_config(args, data):
 
 def data_options(args):
     """Keyword arguments of data.load_dataset that come from flags (stored in checkpoints)."""
-    return {} if args.min_interactions is None else {"min_interactions": args.min_interactions}
+    options = {} if args.min_interactions is None else {"min_interactions": args.min_interactions}
+    if (args.protocol, args.users) != ("leave-last", "all"):
+        options.update(protocol=args.protocol, users=args.users)
+    return options
 
 
 def pick_device(name):

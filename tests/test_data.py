@@ -721,15 +721,16 @@ def test_large_file_fingerprint(tmp_path, monkeypatch):
     assert data._cache_key([tmp_path / "absent.csv"], {}) != data._cache_key([path], {})
 
 
-def test_ml1m_cache_key_is_unchanged(tmp_path):
-    # The refactor must not rebuild existing ML-1M caches: the key is the old formula.
+def test_ml1m_cache_key_formula(tmp_path):
+    # The key is a hash of the file names and contents and the settings; protocol version 2 added
+    # each user's valid_pos / test_pos (the halves protocol), so version-1 caches are rebuilt once.
     folder = write_ml(tmp_path / "ml", GOOD)
     settings = {"name": "ml-1m", "seed": 0, "n_eval_negatives": 100, "history_len": 50}
     h = hashlib.blake2b(digest_size=8)
     for name in data.ML1M_FILES:
         h.update(name.encode())
         h.update((folder / name).read_bytes())
-    h.update(b'{"history_len": 50, "n_eval_negatives": 100, "name": "ml-1m", "protocol_version": 1, "seed": 0}')
+    h.update(b'{"history_len": 50, "n_eval_negatives": 100, "name": "ml-1m", "protocol_version": 2, "seed": 0}')
     assert data._cache_key([folder / f for f in data.ML1M_FILES], settings) == h.hexdigest()
 
 
@@ -886,3 +887,62 @@ def test_interactions_attribute_prior_trains(tmp_path):
     summary = train.main(["--data", "interactions", "--data-dir", str(tmp_path), "--attribute-prior", "both",
                           "--out", str(tmp_path / "run"), *TRAIN_TINY])
     assert np.isfinite(summary["test"]["auc"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Table 4(b): the halves protocol and the interest-consistency user groups
+
+def _drifting_and_consistent(folder):
+    """Users 1 and 3 stay with Action (items 1-9); users 2 and 4 switch between Action and
+    Comedy|Drama (items 10-19) in the middle of their 8 ratings."""
+    seqs = {1: [1, 2, 3, 4, 5, 6, 7, 8], 2: [1, 2, 3, 4, 10, 11, 12, 13],
+            3: [2, 3, 4, 5, 6, 7, 8, 9], 4: [10, 11, 12, 14, 1, 2, 3, 5]}
+    return write_ml(folder, [(u, i, 100 + t) for u, items in seqs.items() for t, i in enumerate(items)]), seqs
+
+
+def test_halves_protocol_trains_on_the_first_half_and_tests_on_the_second(tmp_path):
+    folder, seqs = _drifting_and_consistent(tmp_path / "ml")
+    d = data._load_folder(folder, "test", None, n_eval_negatives=2, protocol="halves")
+    t = d.train_pos - d.user_offsets[d.train_user]
+    assert sorted(t.tolist()) == [1] * 4 + [2] * 4         # first half (4 items): t = 1, 2 train
+    assert (d.valid_pos - d.user_offsets[:-1]).tolist() == [3] * 4    # its last item validates
+    assert (d.test_pos - d.user_offsets[:-1]).tolist() == [7] * 4     # the last item tests
+    for u, raw in enumerate(d.raw_user_ids):
+        items = seqs[int(raw)]
+        assert d.valid_candidates[u, 0] == d.item_seq[d.user_offsets[u] + 3]
+        assert d.raw_item_ids[d.test_candidates[u, 0]] == items[7]
+    users, history, candidates = d.eval_split("test")
+    np.testing.assert_array_equal(history[:, -7:], d.item_seq.reshape(4, 8)[:, :7])   # 7 items before it
+    assert (candidates[:, 1:] != candidates[:, :1]).all()
+    # no second-half item is ever a training target, and popularity counts only the training part
+    assert d.item_train_count.sum() == (t <= 2).sum() + 4    # t = 0 .. 2 of each user
+    leave_last = data._load_folder(folder, "test", None, n_eval_negatives=2)
+    assert sorted((leave_last.train_pos - leave_last.user_offsets[leave_last.train_user]).tolist()) == \
+        sorted(list(range(1, 6)) * 4) and len(leave_last.train_pos) > len(d.train_pos)
+    np.testing.assert_array_equal(leave_last.test_candidates[:, 0], d.test_candidates[:, 0])
+
+
+def test_user_groups_split_by_interest_consistency(tmp_path):
+    folder, _ = _drifting_and_consistent(tmp_path / "ml")
+    groups = {g: data._load_folder(folder, "test", None, n_eval_negatives=1, protocol="halves", users=g)
+              for g in data.USER_GROUPS}
+    assert sorted(groups["all"].raw_user_ids.tolist()) == [1, 2, 3, 4]
+    assert sorted(groups["iid"].raw_user_ids.tolist()) == [1, 3]     # consistency 1 >= the mean 0.5
+    assert sorted(groups["ood"].raw_user_ids.tolist()) == [2, 4]     # consistency 0 < the mean
+    assert groups["iid"].n_items == 9 and groups["ood"].n_items == 10  # items re-indexed per group
+    assert groups["ood"].item_attrs["genres"].shape[0] == 11
+
+
+def test_halves_protocol_errors(tmp_path):
+    folder, _ = _drifting_and_consistent(tmp_path / "ml")
+    with pytest.raises(ValueError, match="unknown protocol 'thirds'"):
+        data._load_folder(folder, "test", None, protocol="thirds")
+    with pytest.raises(ValueError, match="unknown user group 'young'"):
+        data._load_folder(folder, "test", None, users="young")
+    short = write_ml(tmp_path / "short", [(1, i, i) for i in range(1, 6)] + [(2, i, i) for i in range(1, 9)]
+                     + [(4, i, i) for i in range(9, 15)])
+    with pytest.warns(UserWarning, match="dropping 1 users with fewer than 6"):
+        d = data._load_folder(short, "test", None, n_eval_negatives=2, protocol="halves")
+    assert d.raw_user_ids.tolist() == [2, 4]
+    with pytest.raises(ValueError, match="need item genres"):
+        data.load_dataset("interactions", root=tmp_path, protocol="halves")

@@ -119,9 +119,9 @@ def test_interest_consistency_equal_halves_vs_disjoint_categories():
                  [1, 3, 5, 2, 4, 5],
                  [6, 1, 3]]        # (6) vs (1, 3): both half genre 0, half genre 1
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])])
-    consistency = ex.interest_consistency(np.concatenate(sequences), offsets, genres)
+    consistency = datalib.interest_consistency(np.concatenate(sequences), offsets, genres)
     np.testing.assert_allclose(consistency, [1.0, 0.0, 1.0, 1.0], atol=1e-12)
-    partly = ex.interest_consistency(np.array([1, 2, 1, 3]), np.array([0, 4]), genres)
+    partly = datalib.interest_consistency(np.array([1, 2, 1, 3]), np.array([0, 4]), genres)
     assert 0 < partly[0] < 1
 
 
