@@ -353,9 +353,12 @@ class TargetAttentionLayer(SelfAttentionLayer):
         qh, kh, vh = map(self._heads, self.qkv(self.norm_attn(history)).chunk(3, -1))   # [B, H, L, D/H]
         qt, kt, vt = map(self._heads, self.qkv(self.norm_attn(target)).chunk(3, -1))    # [B, H, C, D/H]
         scale = 1.0 / math.sqrt(qh.shape[-1])
-        h = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_keep[:, None, None, :])
+        # padding as an additive -inf bias: the same as a boolean mask, and faster in SDPA on CPU
+        bias = torch.zeros_like(history_keep, dtype=qh.dtype).masked_fill(~history_keep, float("-inf"))
+        bias = bias[:, None, None, :]
+        h = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
         # target -> [history ; itself]
-        att_h = (qt @ kh.transpose(-1, -2) * scale).masked_fill(~history_keep[:, None, None, :], float("-inf"))
+        att_h = qt @ kh.transpose(-1, -2) * scale + bias
         att_t = (qt * kt).sum(-1, keepdim=True) * scale                                  # [B, H, C, 1]
         w = torch.cat([att_h, att_t], -1).softmax(-1)
         t = w[..., :-1] @ vh + w[..., -1:] * vt
@@ -455,40 +458,56 @@ class AttributePredictors(nn.Module):
 # Section 2.4: shared structure learning (Eq. (7)-(10))
 # ------------------------------------------------------------------------------------------------
 
+# Rows of g's first layer per chunk: the parent-masked inputs of a chunk (N x rows x N*d floats,
+# 2 MiB at N = d = 8) stay in the CPU's cache, where the whole [N, M, N*d] tensor of the
+# personalized branch (67 MB at the ML-1M batch) would not, and would be page-faulted in afresh on
+# every allocation (issue 12; `python -m bench_train` measures it).
+G_CHUNK_ROWS = 1024
+
+
 class _ParentMaskedLinear(torch.autograd.Function):
     """The first layer of every factor's g at once: pre[i, m] = b1[i] + sum_j coef[m, j, i] (e[m, j] @ W1[i, j]).
 
-    Forward builds the parent-masked inputs x[i, m, (j, d)] = coef[m, j, i] e[m, j, d] contiguously
-    and multiplies each child's block by W1[i] (one batched matmul). Backward does the two
-    reductions (over the children for grad e, over d for grad coef) as strided batched matmuls
-    instead of elementwise products with temporaries the size of x: the same numbers, far less
-    memory traffic (issue 12)."""
+    The parent-masked inputs x[i, m, (j, d)] = coef[m, j, i] e[m, j, d] are built and used one
+    chunk of G_CHUNK_ROWS rows at a time, forward and backward (which rebuilds them rather than
+    keeping them): the same numbers as one big batched matmul, with the memory traffic kept in
+    cache. Backward: grad W1 = x^T grad_pre, grad x = grad_pre W1^T, then grad coef (a sum over d)
+    and grad e (a sum over the children) from grad x."""
 
     @staticmethod
     def forward(ctx, coef_t, e, w1, b1):
         """coef_t [N(child), M, N(parent)], e [M, N, d], w1 [N, N*d, H], b1 [N, 1, H] -> [N, M, H]."""
         N, M, _ = coef_t.shape
-        x = (coef_t[..., None] * e).view(N, M, -1)
-        ctx.save_for_backward(coef_t, e, w1, x)
-        return torch.baddbmm(b1, x, w1)
+        pre = torch.empty(N, M, w1.shape[-1], dtype=e.dtype, device=e.device)
+        for start in range(0, M, G_CHUNK_ROWS):       # chunks of rows, not a loop over rows
+            rows = slice(start, start + G_CHUNK_ROWS)
+            x = (coef_t[:, rows, :, None] * e[rows]).flatten(2)                # [N, rows, N*d]
+            pre[:, rows] = torch.baddbmm(b1, x, w1)
+        ctx.save_for_backward(coef_t, e, w1)
+        return pre
 
     @staticmethod
     def backward(ctx, grad_pre):
-        coef_t, e, w1, x = ctx.saved_tensors
+        coef_t, e, w1 = ctx.saved_tensors
         N, M, _ = coef_t.shape
         d = e.shape[-1]
-        grad_coef_t = grad_e = grad_w1 = grad_b1 = None
-        if ctx.needs_input_grad[2]:
-            grad_w1 = torch.bmm(x.transpose(1, 2), grad_pre)
-        if ctx.needs_input_grad[3]:
-            grad_b1 = grad_pre.sum(1, keepdim=True)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            grad_x = torch.bmm(grad_pre, w1.transpose(1, 2).contiguous())      # [N(child), M, N*d]
-            per_parent = grad_x.view(N, M * N, d).transpose(0, 1)             # [(m, j), child, d], a view
-            if ctx.needs_input_grad[0]:     # sum over d of grad_x * e
-                grad_coef_t = torch.bmm(per_parent, e.reshape(M * N, d, 1)).view(M, N, N).permute(2, 0, 1)
-            if ctx.needs_input_grad[1]:     # sum over children of coef * grad_x
-                grad_e = torch.bmm(coef_t.reshape(N, M * N).t().unsqueeze(1), per_parent).view(M, N, d)
+        need_coef, need_e, need_w1, need_b1 = ctx.needs_input_grad
+        grad_coef_t = torch.empty_like(coef_t) if need_coef else None
+        grad_e = torch.empty_like(e) if need_e else None
+        grad_w1 = torch.zeros_like(w1) if need_w1 else None
+        grad_b1 = grad_pre.sum(1, keepdim=True) if need_b1 else None
+        w1_t = w1.transpose(1, 2).contiguous()
+        for start in range(0, M, G_CHUNK_ROWS):
+            rows = slice(start, start + G_CHUNK_ROWS)
+            grad_chunk, e_chunk, coef_chunk = grad_pre[:, rows], e[rows], coef_t[:, rows, :, None]
+            if need_w1:
+                grad_w1.baddbmm_((coef_chunk * e_chunk).flatten(2).transpose(1, 2), grad_chunk)
+            if need_coef or need_e:
+                grad_x = torch.bmm(grad_chunk, w1_t).unflatten(-1, (N, d))      # [N(child), rows, N, d]
+                if need_coef:       # sum over d of grad x * e
+                    grad_coef_t[:, rows] = (grad_x * e_chunk).sum(-1)
+                if need_e:          # sum over children of coef * grad x
+                    grad_e[rows] = (grad_x * coef_chunk).sum(0)
         return grad_coef_t, grad_e, grad_w1, grad_b1
 
 

@@ -979,6 +979,22 @@ def test_factor_mlps_equal_the_materialized_formulation(seed, shape, N, d):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("chunk_rows", [1, 2, 5])
+def test_factor_mlps_in_chunks_equal_one_chunk(chunk_rows, monkeypatch):
+    """g's first layer runs in chunks of G_CHUNK_ROWS rows (issue 12): several chunks and a
+    remainder give the numbers of the materialized formulation, forward and every gradient."""
+    g = planrec.FactorMLPs(4, 3, 5).double()
+    coefficient = torch.randn(7, 1, 4, 4, generator=rng(3), dtype=torch.float64, requires_grad=True)
+    e = torch.randn(7, 2, 4, 3, generator=rng(4), dtype=torch.float64, requires_grad=True)   # M = 14 rows
+    monkeypatch.setattr(planrec, "G_CHUNK_ROWS", chunk_rows)
+    new, old = g(coefficient, e), old_factor_mlps(g, coefficient, e)
+    torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(new.shape, generator=rng(5), dtype=torch.float64)
+    params = (coefficient, e, g.w1, g.b1, g.w2, g.b2)
+    for a, b in zip(torch.autograd.grad(new, params, upstream), torch.autograd.grad(old, params, upstream)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_factor_mlps_gradcheck():
     g = planrec.FactorMLPs(3, 2, 4).double()
     coefficient = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
