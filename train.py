@@ -592,6 +592,9 @@ def describe_choices(cfg, args):
     paper is silent."""
     config = cfg.to_dict()
     differ = [f"{k}={config[k]!r} (paper {v!r})" for k, v in PAPER_SETTINGS.items() if config[k] != v]
+    if cfg.w_personal_struct:
+        differ.append(f"w_personal_struct={cfg.w_personal_struct} (ours: Eq. (9) on the personalized structures; "
+                      "the paper has no such term)")
     if args.optimizer != "adagrad" or args.lr != 0.01:
         differ.insert(0, f"optimizer {args.optimizer} lr {args.lr} (paper adagrad lr 0.01)")
     if args.batch_size != 4096:
