@@ -70,6 +70,9 @@ PAPER = {
     "planrec": paper(0.8545, 0.3998, 0.5625, 0.3136, 0.3928),          # Tables 2, 3 (N_m = 8), 5-8
     "cvae": paper(0.8443, 0.3607, 0.5360, 0.2796, 0.3648),             # Table 2, the best baseline
     "vae": paper(0.8223, 0.3238, 0.4776, 0.2514, 0.3260),              # Tables 5 and 7, VAE base
+    # The paper contradicts itself here: Table 3's N_m = 1 column is, digit for digit, Table 2's CVAE
+    # row, and Table 7's +PSL column (N_m = 1 by its text) is Table 3's N_m = 2 column. We quote
+    # each table as printed.
     "nm1": paper(0.8443, 0.3607, 0.5360, 0.2796, 0.3648),              # Table 3
     "nm2": paper(0.8491, 0.3849, 0.5571, 0.2992, 0.3830),
     "nm4": paper(0.8542, 0.3849, 0.5562, 0.3017, 0.3833),
