@@ -16,6 +16,8 @@
 #   train_eager   the same with --kernel eager
 #   bench_grid    a wider grid, fused vs eager (no compile)
 #   bench_poison  the goal shapes again with the tests' NaN fill of the outputs
+#   bench_sweep   the fused kernel's launch parameters (rows or examples per program x warps) at the
+#                 goal shapes, to re-tune NUM_WARPS / BACKWARD_NUM_WARPS / TILE_ELEMENTS on a new card
 #
 # Each step gets a generous time limit for cold compiles, capped by what is left of the whole
 # run's budget (GPU_CHECK_BUDGET_S, default 540 s, so that one 10-minute device call always ends
@@ -29,7 +31,7 @@ shift
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-ALL_STEPS="tests bench_goal bench_compile train_triton train_eager bench_grid bench_poison"
+ALL_STEPS="tests bench_goal bench_compile train_triton train_eager bench_grid bench_poison bench_sweep"
 STEPS=${*:-$ALL_STEPS}
 for s in $STEPS; do
     case " $ALL_STEPS " in *" $s "*) ;; *) echo "unknown step $s (steps: $ALL_STEPS)"; exit 2 ;; esac
@@ -76,7 +78,7 @@ limit_of() {   # generous limits: cold compiles of ~40 kernel variants, torch.co
     override=$(printenv "LIMIT_$1")
     [ -n "$override" ] && { echo "$override"; return; }
     case $1 in
-        tests) echo 300 ;; bench_goal) echo 240 ;; bench_compile) echo 240 ;; train_*) echo 240 ;; bench_grid) echo 240 ;; bench_poison) echo 90 ;;
+        tests) echo 300 ;; bench_goal) echo 240 ;; bench_compile) echo 240 ;; bench_sweep) echo 240 ;; train_*) echo 240 ;; bench_grid) echo 240 ;; bench_poison) echo 90 ;;
     esac
 }
 
@@ -140,6 +142,7 @@ for s in $STEPS; do
                            compile_cudagraphs --B 4096 --Nm 8 --N 8 --d 8 --csv "$OUT/bench_compile.csv" ;;
         bench_grid) step bench_grid "$PY" -m kernels.bench --no-compile --impls fused eager_solve fused_philox eager_rand \
                         --B 4096 65536 --Nm 1 16 --N 8 16 --d 8 32 --csv "$OUT/bench_grid.csv" ;;
+        bench_sweep) step bench_sweep "$PY" -m kernels.bench --sweep --csv "$OUT/bench_sweep.csv" ;;
         bench_poison) step bench_poison "$PY" -m kernels.bench --no-compile --poison --impls fused fused_philox $GOAL \
                           --csv "$OUT/bench_poison.csv" ;;
         train_triton|train_eager)
@@ -149,7 +152,7 @@ for s in $STEPS; do
 done
 
 echo "== goals, correctness, kernel variants, training" | tee -a "$SUMMARY"
-grep -h "^goal\|^device:\|^WRONG\|^failed\|^kernel variant" "$OUT"/bench_*.log 2>/dev/null | sort -u | tee -a "$SUMMARY"
+grep -h "^goal\|^device:\|^WRONG\|^failed\|^kernel variant\|^sweep best" "$OUT"/bench_*.log 2>/dev/null | sort -u | tee -a "$SUMMARY"
 for kernel in triton eager; do
     [ -f "$OUT/train_$kernel/metrics.json" ] || continue
     "$PY" -c "
