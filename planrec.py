@@ -322,6 +322,12 @@ def balance(y_shared, y_samples, beta):
 # Section 2.3: the encoder q_phi(z | u, i) (Eq. (2)-(6), "Implementation Details")
 # ------------------------------------------------------------------------------------------------
 
+def padding_bias(keep, dtype):
+    """[B, 1, 1, T] additive attention bias from keep [B, T] (False at padding): 0 or -inf. The same
+    as a boolean mask, and faster in SDPA on CPU; made once per forward and shared by the layers."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))[:, None, None, :]
+
+
 class SelfAttentionLayer(nn.Module):
     """One pre-norm self-attention block: every token attends to every non-padding token."""
 
@@ -340,10 +346,10 @@ class SelfAttentionLayer(nn.Module):
     def _merge(self, x):   # [..., H, T, D/H] -> [..., T, D]
         return x.transpose(-2, -3).flatten(-2)
 
-    def forward(self, tokens, keep):
-        """tokens [B, T, D]; keep [B, T] is False at padding (never every token of a row)."""
+    def forward(self, tokens, bias):
+        """tokens [B, T, D]; bias [B, 1, 1, T] = padding_bias (never every token of a row padding)."""
         q, k, v = map(self._heads, self.qkv(self.norm_attn(tokens)).chunk(3, -1))
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         tokens = tokens + self.out(self._merge(attended))
         return tokens + self.ffn(self.norm_ffn(tokens))
 
@@ -354,17 +360,15 @@ class TargetAttentionLayer(SelfAttentionLayer):
     does not depend on the target, so it is computed once per history and shared by the positive,
     its negatives and all 101 evaluation candidates."""
 
-    def forward(self, history, target, history_keep):
-        """history [B, L, D]; target [B, C, D] (C candidates share one history); history_keep [B, L]."""
+    def forward(self, history, target, history_bias):
+        """history [B, L, D]; target [B, C, D] (C candidates share one history); history_bias
+        [B, 1, 1, L] = padding_bias of the history."""
         qh, kh, vh = map(self._heads, self.qkv(self.norm_attn(history)).chunk(3, -1))   # [B, H, L, D/H]
         qt, kt, vt = map(self._heads, self.qkv(self.norm_attn(target)).chunk(3, -1))    # [B, H, C, D/H]
         scale = 1.0 / math.sqrt(qh.shape[-1])
-        # padding as an additive -inf bias: the same as a boolean mask, and faster in SDPA on CPU
-        bias = torch.zeros_like(history_keep, dtype=qh.dtype).masked_fill(~history_keep, float("-inf"))
-        bias = bias[:, None, None, :]
-        h = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias)
+        h = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_bias)
         # target -> [history ; itself]
-        att_h = qt @ kh.transpose(-1, -2) * scale + bias
+        att_h = qt @ kh.transpose(-1, -2) * scale + history_bias
         att_t = (qt * kt).sum(-1, keepdim=True) * scale                                  # [B, H, C, 1]
         w = torch.cat([att_h, att_t], -1).softmax(-1)
         t = w[..., :-1] @ vh + w[..., -1:] * vt
@@ -411,13 +415,15 @@ class Encoder(nn.Module):
             tokens = torch.cat([h[:, None].expand(B, C, L, D), t[:, :, None]], 2).reshape(B * C, L + 1, D)
             token_keep = torch.cat([history_keep, history_keep.new_ones(B, 1)], 1)
             token_keep = token_keep[:, None].expand(B, C, L + 1).reshape(B * C, L + 1)
+            token_bias = padding_bias(token_keep, h.dtype)
             for layer in self.layers:
-                tokens = layer(tokens, token_keep)
+                tokens = layer(tokens, token_bias)
             features = self.norm(tokens[:, -1]).reshape(B, C, D)
             summary = (history_emb * keep).sum(1) / keep.sum(1).clamp(min=1)   # used only by mask_input="id+history"
         else:
+            history_bias = padding_bias(history_keep, h.dtype)
             for layer in self.layers:
-                h, t = layer(h, t, history_keep)
+                h, t = layer(h, t, history_bias)
             summary = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1)
             features = torch.cat([self.norm(t), summary[:, None, :] * target_emb], -1)
         stats = self.to_factors(features).unflatten(-1, (2, self.n_factors, self.factor_dim))
@@ -471,6 +477,11 @@ class AttributePredictors(nn.Module):
 G_CHUNK_ROWS = 1024
 
 
+def _parent_masked(coef_t, e, rows):
+    """x[i, m, (j, d)] = coef[m, j, i] e[m, j, d] for the rows m of one chunk: [N, rows, N*d]."""
+    return (coef_t[:, rows, :, None] * e[rows]).flatten(2)
+
+
 class _ParentMaskedLinear(torch.autograd.Function):
     """The first layer of every factor's g at once: pre[i, m] = b1[i] + sum_j coef[m, j, i] (e[m, j] @ W1[i, j]).
 
@@ -487,8 +498,7 @@ class _ParentMaskedLinear(torch.autograd.Function):
         pre = torch.empty(N, M, w1.shape[-1], dtype=e.dtype, device=e.device)
         for start in range(0, M, G_CHUNK_ROWS):       # chunks of rows, not a loop over rows
             rows = slice(start, start + G_CHUNK_ROWS)
-            x = (coef_t[:, rows, :, None] * e[rows]).flatten(2)                # [N, rows, N*d]
-            pre[:, rows] = torch.baddbmm(b1, x, w1)
+            pre[:, rows] = torch.baddbmm(b1, _parent_masked(coef_t, e, rows), w1)
         ctx.save_for_backward(coef_t, e, w1)
         return pre
 
@@ -507,7 +517,7 @@ class _ParentMaskedLinear(torch.autograd.Function):
             rows = slice(start, start + G_CHUNK_ROWS)
             grad_chunk, e_chunk, coef_chunk = grad_pre[:, rows], e[rows], coef_t[:, rows, :, None]
             if need_w1:
-                grad_w1.baddbmm_((coef_chunk * e_chunk).flatten(2).transpose(1, 2), grad_chunk)
+                grad_w1.baddbmm_(_parent_masked(coef_t, e, rows).transpose(1, 2), grad_chunk)
             if need_coef or need_e:
                 grad_x = torch.bmm(grad_chunk, w1_t).unflatten(-1, (N, d))      # [N(child), rows, N, d]
                 if need_coef:       # sum over d of grad x * e

@@ -1106,8 +1106,8 @@ def test_paper_encoder_attends_both_ways_and_ours_keeps_the_history_blind():
     ours.load_state_dict(layer.state_dict())
     history = torch.randn(2, 4, D, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 1, D, dtype=torch.float64, requires_grad=True)
-    keep = torch.ones(2, 4, dtype=torch.bool)
-    out = layer(torch.cat([history, target], 1), torch.ones(2, 5, dtype=torch.bool))
+    keep = planrec.padding_bias(torch.ones(2, 4, dtype=torch.bool), torch.float64)
+    out = layer(torch.cat([history, target], 1), planrec.padding_bias(torch.ones(2, 5, dtype=torch.bool), torch.float64))
     # the target token attends to the history, and the history tokens attend to the target
     (g_t_from_h,) = torch.autograd.grad(out[:, -1].sum(), history, retain_graph=True)
     (g_h_from_t,) = torch.autograd.grad(out[:, :-1].sum(), target)
@@ -1167,3 +1167,13 @@ def test_personal_struct_option_is_eq9_on_the_personalized_structures():
     # A stays fixed in the personalized structures (Eq. (13)-(14)): no gradient reaches it from here
     (grad_A,) = torch.autograd.grad(terms["struct_personal"], [model.dependency_matrix], allow_unused=True)
     assert grad_A is None or not grad_A.abs().sum()
+
+
+def test_padding_bias_is_the_boolean_mask():
+    keep = torch.tensor([[False, True, True], [True, True, True]])
+    q, k, v = (torch.randn(2, 1, 3, 4, generator=rng(i), dtype=torch.float64) for i in range(3))
+    bias = planrec.padding_bias(keep, torch.float64)
+    assert bias.shape == (2, 1, 1, 3) and bias[0, 0, 0, 0] == float("-inf") and (bias[1] == 0).all()
+    torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :]),
+                               rtol=0, atol=0)
