@@ -253,12 +253,13 @@ def gumbel_topk(logits, k, tau=1.0, uniform=None):
         uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
     gumbel = -torch.log(-torch.log(uniform))
     perturbed = logits + gumbel
-    # top-K of the perturbed logits = top-K of the soft probabilities, for any tau > 0
-    index = perturbed.topk(k, dim=-1).indices
+    # top-K of the perturbed logits = top-K of the soft probabilities, for any tau > 0; the mask
+    # needs the set of the k largest, not their order (unsorted is faster on CPU, issue 12)
+    index = perturbed.topk(k, dim=-1, sorted=False).indices
     hard = torch.zeros_like(perturbed).scatter_(-1, index, 1.0)
     if not (torch.is_grad_enabled() and logits.requires_grad):
         return hard                      # inference: the softmax only matters for the gradient
-    soft = torch.softmax(perturbed / tau, dim=-1)
+    soft = torch.softmax(perturbed if tau == 1 else perturbed / tau, dim=-1)
     return hard + (soft - soft.detach())   # parenthesized: the forward stays exactly 0/1
 
 
@@ -520,8 +521,8 @@ class _ParentMaskedLinear(torch.autograd.Function):
                 grad_w1.baddbmm_(_parent_masked(coef_t, e, rows).transpose(1, 2), grad_chunk)
             if need_coef or need_e:
                 grad_x = torch.bmm(grad_chunk, w1_t).unflatten(-1, (N, d))      # [N(child), rows, N, d]
-                if need_coef:       # sum over d of grad x * e
-                    grad_coef_t[:, rows] = (grad_x * e_chunk).sum(-1)
+                if need_coef:       # sum over d of grad x * e (einsum: one batched product, no [N, rows, N, d] temporary)
+                    grad_coef_t[:, rows] = torch.einsum("imjd,mjd->imj", grad_x, e_chunk)
                 if need_e:          # sum over children of coef * grad x
                     grad_e[rows] = (grad_x * coef_chunk).sum(0)
         return grad_coef_t, grad_e, grad_w1, grad_b1
