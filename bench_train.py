@@ -2,6 +2,7 @@
 
     python -m bench_train                       # this checkout: none, shared, personalized
     python -m bench_train --compare 6b35fe2     # and that commit's planrec.py, side by side
+    python -m bench_train --parts               # where one step's time goes, part by part
 
 The batch is what `train.py --data ml-1m` feeds the model: 4,096 scored pairs = 2,048 (user,
 history) rows x (1 positive + 1 negative), 50-item histories, ML-1M's numbers of users and items.
@@ -10,6 +11,7 @@ reports medians and the ratio. A benchmark prints, it never asserts a time.
 """
 
 import argparse
+import collections
 import importlib.util
 import statistics
 import subprocess
@@ -73,6 +75,64 @@ def step(model, optimizer, batch):
     optimizer.step()
 
 
+def time_parts(model, optimizer, batch, steps, top=12):
+    """Where one step of this checkout's model goes. First `steps` plain steps: the wall-clock time
+    of each forward part (hooks around the modules of Algorithm 1 and the solve) and of forward,
+    backward and optimizer. Then `steps` steps under torch.profiler: each autograd node's total CPU
+    time in the backward (the profiler slows every op a little, so these run high). Returns
+    [(section, part, ms per step)], medians over the steps."""
+    parts = collections.defaultdict(float)
+    started = {}
+
+    def time_module(name, module):
+        module.register_forward_pre_hook(lambda *_: started.__setitem__(name, time.perf_counter()))
+        module.register_forward_hook(lambda *_: parts.__setitem__(name, parts[name] + time.perf_counter() - started[name]))
+
+    labels = {"encoder": "encoder, Eq. (2)-(6)", "g": "g of Eq. (8) and (14)", "mask_mlp": "MLP_mask, Eq. (11)",
+              "predict_shared": "MLP_R, Eq. (15)", "predict_personal": "MLP_R*, Eq. (15)", "decoder": "decoder (loss)"}
+    for attr, name in labels.items():
+        if hasattr(model, attr):
+            time_module(name, getattr(model, attr))
+    solve = model.scm_fn
+
+    def timed_solve(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = solve(*args, **kwargs)
+        parts["masks and solve, Eq. (12)-(13)"] += time.perf_counter() - t0
+        return result
+
+    model.scm_fn = timed_solve
+    user, history, items, labels_ = batch
+    per_step = collections.defaultdict(list)
+    for _ in range(steps):
+        parts.clear()
+        t0 = time.perf_counter()
+        out = model(user, history, items)
+        loss, _ = model.loss(out, labels_)
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        t3 = time.perf_counter()
+        for key, seconds in [("step", t3 - t0), ("forward + loss", t1 - t0), ("backward", t2 - t1),
+                             ("optimizer", t3 - t2)] + list(parts.items()):
+            per_step[key].append(seconds)
+    model.scm_fn = solve
+    from torch.profiler import profile
+    with profile() as prof:
+        for _ in range(steps):
+            step(model, optimizer, batch)
+    prefix = "autograd::engine::evaluate_function: "
+    nodes = sorted((e for e in prof.key_averages() if e.key.startswith(prefix)), key=lambda e: -e.cpu_time_total)
+    medians = {key: 1000 * statistics.median(v) for key, v in per_step.items()}
+    totals = ("step", "forward + loss", "backward", "optimizer")
+    rows = [("step", "whole step" if key == "step" else key, medians[key]) for key in totals]
+    rows += sorted((("forward", key, ms) for key, ms in medians.items() if key not in totals), key=lambda r: -r[2])
+    rows += [("backward", e.key[len(prefix):] + " (profiled)", e.cpu_time_total / 1000 / steps) for e in nodes[:top]]
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--compare", default=None, metavar="COMMIT", help="also time this commit's planrec.py")
@@ -83,6 +143,9 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=2048, help="(user, history) rows per step")
     p.add_argument("--candidates", type=int, default=2, help="scored items per row (1 positive + negatives)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--parts", action="store_true",
+                   help="instead of the table, where one step of this checkout's model goes: forward parts "
+                        "timed by the clock, backward autograd nodes by torch.profiler")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="Config override for both implementations (numbers and strings), e.g. predict_from=both")
     args = p.parse_args(argv)
@@ -97,6 +160,8 @@ def main(argv=None):
                 break
             except ValueError:
                 pass
+    if args.parts and args.compare:
+        p.error("--parts profiles this checkout only; leave out --compare")
     implementations = {"this checkout": load_planrec()}
     if args.compare:
         implementations[args.compare] = load_planrec(args.compare)
@@ -104,6 +169,17 @@ def main(argv=None):
     cfg = here.Config()
     batch = make_batch(args.rows, args.candidates, cfg.n_users, cfg.n_items, cfg.history_len)
 
+    if args.parts:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.rows} rows x "
+              f"{args.candidates} candidates; medians of {args.steps} steps after {args.warmup} warm-up steps")
+        for structure in args.structures:
+            model, optimizer = build(here, structure, overrides)
+            for _ in range(args.warmup):
+                step(model, optimizer, batch)
+            print(f"\n{structure}\n{'section':>9} | {'part':<58} | ms per step")
+            for section, name, ms in time_parts(model, optimizer, batch, args.steps):
+                print(f"{section:>9} | {name:<58} | {ms:8.1f}")
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.rows} rows x "
           f"{args.candidates} candidates; median of {args.steps} steps (forward + backward + Adam step)")
     print(f"{'structure':>13} | " + " | ".join(f"{name:>15}" for name in implementations)
