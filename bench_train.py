@@ -67,12 +67,17 @@ def build(module, structure, overrides):
 
 
 def step(model, optimizer, batch):
+    """One training step; returns the seconds of its phases: forward + loss, backward, optimizer."""
     user, history, items, labels = batch
+    t0 = time.perf_counter()
     out = model(user, history, items)
     loss, _ = model.loss(out, labels)
+    t1 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    t2 = time.perf_counter()
     optimizer.step()
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
 def time_parts(model, optimizer, batch, steps, top=12):
@@ -83,16 +88,16 @@ def time_parts(model, optimizer, batch, steps, top=12):
     [(section, part, ms per step)], medians over the steps."""
     parts = collections.defaultdict(float)
     started = {}
-
-    def time_module(name, module):
-        module.register_forward_pre_hook(lambda *_: started.__setitem__(name, time.perf_counter()))
-        module.register_forward_hook(lambda *_: parts.__setitem__(name, parts[name] + time.perf_counter() - started[name]))
-
     labels = {"encoder": "encoder, Eq. (2)-(6)", "g": "g of Eq. (8) and (14)", "mask_mlp": "MLP_mask, Eq. (11)",
               "predict_shared": "MLP_R, Eq. (15)", "predict_personal": "MLP_R*, Eq. (15)", "decoder": "decoder (loss)"}
+    hooks = []
     for attr, name in labels.items():
         if hasattr(model, attr):
-            time_module(name, getattr(model, attr))
+            module = getattr(model, attr)
+            hooks.append(module.register_forward_pre_hook(
+                lambda *_, name=name: started.__setitem__(name, time.perf_counter())))
+            hooks.append(module.register_forward_hook(
+                lambda *_, name=name: parts.__setitem__(name, parts[name] + time.perf_counter() - started[name])))
     solve = model.scm_fn
 
     def timed_solve(*args, **kwargs):
@@ -102,23 +107,16 @@ def time_parts(model, optimizer, batch, steps, top=12):
         return result
 
     model.scm_fn = timed_solve
-    user, history, items, labels_ = batch
+    totals = ("forward + loss", "backward", "optimizer")
     per_step = collections.defaultdict(list)
     for _ in range(steps):
         parts.clear()
-        t0 = time.perf_counter()
-        out = model(user, history, items)
-        loss, _ = model.loss(out, labels_)
-        t1 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t2 = time.perf_counter()
-        optimizer.step()
-        t3 = time.perf_counter()
-        for key, seconds in [("step", t3 - t0), ("forward + loss", t1 - t0), ("backward", t2 - t1),
-                             ("optimizer", t3 - t2)] + list(parts.items()):
+        phases = step(model, optimizer, batch)
+        for key, seconds in [("whole step", sum(phases)), *zip(totals, phases), *parts.items()]:
             per_step[key].append(seconds)
     model.scm_fn = solve
+    for hook in hooks:
+        hook.remove()
     from torch.profiler import profile
     with profile() as prof:
         for _ in range(steps):
@@ -126,8 +124,8 @@ def time_parts(model, optimizer, batch, steps, top=12):
     prefix = "autograd::engine::evaluate_function: "
     nodes = sorted((e for e in prof.key_averages() if e.key.startswith(prefix)), key=lambda e: -e.cpu_time_total)
     medians = {key: 1000 * statistics.median(v) for key, v in per_step.items()}
-    totals = ("step", "forward + loss", "backward", "optimizer")
-    rows = [("step", "whole step" if key == "step" else key, medians[key]) for key in totals]
+    totals = ("whole step",) + totals
+    rows = [("step", key, medians[key]) for key in totals]
     rows += sorted((("forward", key, ms) for key, ms in medians.items() if key not in totals), key=lambda r: -r[2])
     rows += [("backward", e.key[len(prefix):] + " (profiled)", e.cpu_time_total / 1000 / steps) for e in nodes[:top]]
     return rows
@@ -189,10 +187,9 @@ def main(argv=None):
         times = {name: [] for name in implementations}
         for i in range(args.warmup + args.steps):
             for name, (model, optimizer) in models.items():   # alternate: same load for both
-                t0 = time.perf_counter()
-                step(model, optimizer, batch)
+                seconds = sum(step(model, optimizer, batch))
                 if i >= args.warmup:
-                    times[name].append(time.perf_counter() - t0)
+                    times[name].append(seconds)
         medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
         line = f"{structure:>13} | " + " | ".join(f"{medians[name]:12.0f} ms" for name in implementations)
         if args.compare:

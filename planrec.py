@@ -521,7 +521,7 @@ class _ParentMaskedLinear(torch.autograd.Function):
                 grad_w1.baddbmm_(_parent_masked(coef_t, e, rows).transpose(1, 2), grad_chunk)
             if need_coef or need_e:
                 grad_x = torch.bmm(grad_chunk, w1_t).unflatten(-1, (N, d))      # [N(child), rows, N, d]
-                if need_coef:       # sum over d of grad x * e (einsum: one batched product, no [N, rows, N, d] temporary)
+                if need_coef:       # sum over d of grad x * e (einsum measured faster than product + sum)
                     grad_coef_t[:, rows] = torch.einsum("imjd,mjd->imj", grad_x, e_chunk)
                 if need_e:          # sum over children of coef * grad x
                     grad_e[rows] = (grad_x * coef_chunk).sum(0)
