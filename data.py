@@ -61,6 +61,14 @@ MIN_INTERACTIONS_HALVES = 6
 PROTOCOLS = ("leave-last", "halves")
 USER_GROUPS = ("all", "iid", "ood")  # Table 4(b): users split by interest consistency
 PROTOCOL_VERSION = 2  # bump whenever the derived arrays change meaning; invalidates every cache
+
+
+def check_resplit(protocol, users):
+    """Table 4(b)'s settings: raise a ValueError naming the choices for an unknown one."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    if users not in USER_GROUPS:
+        raise ValueError(f"unknown user group {users!r}; choose one of {', '.join(USER_GROUPS)}")
 DATASETS = ("ml-1m", "synthetic", "synthetic-ood", "amazon-book", "interactions")
 # Amazon-Book: the "ratings only" Books file of the Amazon review data (McAuley et al., 2014
 # release); 22,507,155 lines user,item,rating,timestamp, no header. Not downloadable here and
@@ -646,9 +654,8 @@ def _protocol_arrays(user_raw, item_raw, timestamp, seed, n_eval_negatives, fold
     any sortable integers): users and items re-indexed in ascending raw id, sequences, splits,
     evaluation candidates, raw_user_ids / raw_item_ids. Shared by every dataset. user_names:
     the ids' text by raw id, for messages (None: the raw ids are the ids, as in ML-1M).
-    protocol: "leave-last" (§3.1) or "halves" (Table 4(b), see the module docstring)."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    protocol: "leave-last" (§3.1) or "halves" (Table 4(b), see the module docstring; checked by
+    check_resplit)."""
     minimum = MIN_INTERACTIONS if protocol == "leave-last" else MIN_INTERACTIONS_HALVES
     uniq_users, counts = np.unique(user_raw, return_counts=True)
     if (counts < minimum).any():
@@ -720,9 +727,8 @@ def _genres(movies, raw_items, genre_names):
 
 
 def _build(ratings, users, movies, seed, n_eval_negatives, folder, protocol="leave-last", user_group="all"):
-    """Everything derived from ML-1M-format tables, as a dict of arrays (what the cache stores)."""
-    if user_group not in USER_GROUPS:
-        raise ValueError(f"unknown user group {user_group!r}; choose one of {', '.join(USER_GROUPS)}")
+    """Everything derived from ML-1M-format tables, as a dict of arrays (what the cache stores).
+    protocol and user_group as check_resplit accepts them."""
     genre_names = sorted({g for genres in movies["genres"] for g in genres})
     if user_group != "all":  # interest consistency over every user's whole sequence, then the group
         every = _protocol_arrays(ratings["user"], ratings["item"], ratings["timestamp"], seed, 0, folder)
@@ -949,6 +955,7 @@ def _load_cached(name, folder, sources, settings, build, history_len, rebuild):
 def _load_folder(folder, name, expected_counts, seed=0, n_eval_negatives=100,
                  history_len=HISTORY_LEN, rebuild=False, protocol="leave-last", users="all"):
     """An ML-1M-format folder (ML-1M itself, the synthetic worlds) under the protocol."""
+    check_resplit(protocol, users)
     settings = {"name": name, "seed": seed, "n_eval_negatives": n_eval_negatives,
                 "history_len": history_len}
     if (protocol, users) != ("leave-last", "all"):  # the default's key is the same formula as before
@@ -964,9 +971,7 @@ def load_movielens(root=None, download=True, seed=0, n_eval_negatives=100,
     """MovieLens-1M under the protocol, from the cache when the files and settings match.
     rebuild=True ignores (and overwrites) an existing cache. protocol / users: Table 4(b)'s
     re-split (module docstring)."""
-    for value, allowed, what in ((protocol, PROTOCOLS, "protocol"), (users, USER_GROUPS, "users")):
-        if value not in allowed:
-            raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+    check_resplit(protocol, users)   # before any download
     folder = find_ml1m(root, download)
     return _load_folder(folder, "ml-1m", ML1M_COUNTS, seed, n_eval_negatives, history_len, rebuild,
                         protocol, users)
