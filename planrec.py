@@ -1,8 +1,13 @@
 """PlanRec: Personalized Latent Structure Learning for Recommendation (Zhang et al., IEEE TPAMI).
 
-The whole model in one file, in the order of the paper's section 2. Search "Eq. (n)" to find the
-lines that compute equation n. Values the paper states are marked "paper"; everything the paper
-leaves open is marked "our choice".
+The whole model in one file, in the order of the paper's sections 2.3-2.6, then the loss and the
+model (Algorithm 1). Search "Eq. (n)" to find the lines that compute equation n. Values the paper
+states are marked "paper"; everything the paper leaves open is marked "our choice".
+
+Everything here is the executable spec: plain torch, written for reading. kernels/ holds faster
+implementations of two of its functions with the same signatures and numbers (the tests check
+them against this file): personalized_scm (Triton) and factor_mlps (chunked, for CPU). PlanRec
+takes them as scm_fn and factor_mlps_fn.
 
 Shapes used throughout:
     B  (user, history) rows in a batch
@@ -91,14 +96,10 @@ class Config:
     w_personal_struct: float = 0.0
 
     def __post_init__(self):
-        if self.structure not in ("none", "shared", "personalized"):
-            raise ValueError(f"structure must be 'none', 'shared' or 'personalized', got {self.structure!r}")
-        if self.predict_from not in ("e_hat", "both"):
-            raise ValueError(f"predict_from must be 'e_hat' or 'both', got {self.predict_from!r}")
-        if self.encoder not in ("paper", "target_attention"):
-            raise ValueError(f"encoder must be 'paper' or 'target_attention', got {self.encoder!r}")
-        if self.mask_input not in ("id", "id+history"):
-            raise ValueError(f"mask_input must be 'id' or 'id+history', got {self.mask_input!r}")
+        for name, allowed in [("structure", ("none", "shared", "personalized")), ("predict_from", ("e_hat", "both")),
+                              ("encoder", ("paper", "target_attention")), ("mask_input", ("id", "id+history"))]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 < self.n_user_factors < self.n_factors:
             raise ValueError(f"n_user_factors must be in 1..n_factors-1, got {self.n_user_factors}")
         if not 1 <= self.k_A <= self.n_factors * (self.n_factors - 1):
@@ -154,174 +155,11 @@ PRESETS = {
 
 
 # ------------------------------------------------------------------------------------------------
-# Factors: which side each is on, which attribute it is tied to, which dependencies are allowed
+# Section 2.3: latent factor disentanglement, the encoder q_phi(z | u, i) (Eq. (2)-(6))
 # ------------------------------------------------------------------------------------------------
 
-DEPENDENCY_BLOCKS = ("u2u", "u2i", "i2u", "i2i")
-ATTRIBUTE_KINDS = ("class", "multilabel", "regression")
-
-
-def dependency_blocks(text):
-    names = [b.strip() for b in text.split(",") if b.strip()]
-    unknown = [b for b in names if b not in DEPENDENCY_BLOCKS]
-    if unknown:
-        raise ValueError(f"drop_dependencies: unknown block(s) {unknown}; use a comma-separated subset of "
-                         f"{','.join(DEPENDENCY_BLOCKS)}")
-    return set(names)
-
-
-def dependency_support(cfg):
-    """[N, N] bool: the entries of A the model may use (A[i, j] = effect of factor i on factor j):
-    off-diagonal, and outside every dropped block."""
-    N, Nu = cfg.n_factors, cfg.n_user_factors
-    user = torch.arange(N) < Nu
-    allowed = ~torch.eye(N, dtype=torch.bool)
-    sides = {"u2u": (user, user), "u2i": (user, ~user), "i2u": (~user, user), "i2i": (~user, ~user)}
-    for block in dependency_blocks(cfg.drop_dependencies):
-        parent, child = sides[block]
-        allowed &= ~(parent[:, None] & child[None, :])
-    return allowed
-
-
-def parse_attribute(spec):
-    """'user.gender:class:2' -> ('user', 'gender', 'class', 2)."""
-    try:
-        name, kind, size = spec.split(":")
-        side, attribute = name.split(".", 1)
-        size = int(size)
-    except ValueError:
-        raise ValueError(f"tied attribute {spec!r}: expected 'side.name:kind:size'") from None
-    if side not in ("user", "item") or kind not in ATTRIBUTE_KINDS or size < 1:
-        raise ValueError(f"tied attribute {spec!r}: side must be user or item, kind one of {ATTRIBUTE_KINDS}, size >= 1")
-    return side, attribute, kind, size
-
-
-def tied_factor_index(cfg):
-    """The factor each entry of cfg.tied_attributes is tied to (user entries from factor 0, item
-    entries from factor N_u, each side in its listed order)."""
-    index, next_free = [], {"user": 0, "item": cfg.n_user_factors}
-    for side, *_ in map(parse_attribute, cfg.tied_attributes):
-        index.append(next_free[side])
-        next_free[side] += 1
-    return index
-
-
-def factor_names(cfg):
-    """Tied factors are named after their attribute ('user.gender'), the others user_k / item_k."""
-    names = [f"user_{k}" if k < cfg.n_user_factors else f"item_{k}" for k in range(cfg.n_factors)]
-    for k, (side, attribute, *_) in zip(tied_factor_index(cfg), map(parse_attribute, cfg.tied_attributes)):
-        names[k] = f"{side}.{attribute}"
-    return names
-
-
-# ------------------------------------------------------------------------------------------------
-# The public functions (the Triton kernel in kernels/ matches personalized_scm exactly)
-# ------------------------------------------------------------------------------------------------
-
-def dag_penalty(A, alpha=None):
-    """Eq. (10): L_dag = tr((I + alpha A*A)^N) - N; zero exactly when A is acyclic (NOTEARS-style, [17]).
-
-    alpha defaults to 1/N (our choice: keeps the spectral radius of I + alpha A*A moderate for
-    entries of order 1)."""
-    n = A.shape[-1]
-    alpha = 1.0 / n if alpha is None else alpha
-    eye = torch.eye(n, dtype=A.dtype, device=A.device)
-    M = torch.linalg.matrix_power(eye + alpha * A * A, n)
-    return torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) - n
-
-
-# |A| below this counts as no edge when we ask whether a learned A is a DAG (our choice: A's
-# entries are of order 0.1-1 after training, and L_dag rarely reaches exactly zero).
-EDGE_THRESHOLD = 0.05
-
-
-def is_acyclic(A, threshold=EDGE_THRESHOLD):
-    """Whether the graph {i -> j : |A[i, j]| > threshold} has no cycle (its adjacency is nilpotent)."""
-    adjacency = (A.detach().abs() > threshold).double()
-    return bool(torch.linalg.matrix_power(adjacency, A.shape[-1]).abs().sum() == 0)
-
-
-def gumbel_topk(logits, k, tau=1.0, uniform=None):
-    """Eq. (12) with the straight-through top-K of [26], over the last dimension.
-
-    Forward: exactly k ones (the k largest of logits + G) and zeros elsewhere.
-    Backward: the gradient of softmax((logits + G) / tau), G = -log(-log U).
-    The logits play the role of log(M-bar) in Eq. (12). Entries with logit -inf are never chosen
-    while at least k entries are finite.
-    """
-    if uniform is None:
-        uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
-    gumbel = -torch.log(-torch.log(uniform))
-    perturbed = logits + gumbel
-    # top-K of the perturbed logits = top-K of the soft probabilities, for any tau > 0; the mask
-    # needs the set of the k largest, not their order (unsorted is faster on CPU, issue 12)
-    index = perturbed.topk(k, dim=-1, sorted=False).indices
-    hard = torch.zeros_like(perturbed).scatter_(-1, index, 1.0)
-    if not (torch.is_grad_enabled() and logits.requires_grad):
-        return hard                      # inference: the softmax only matters for the gradient
-    soft = torch.softmax(perturbed if tau == 1 else perturbed / tau, dim=-1)
-    return hard + (soft - soft.detach())   # parenthesized: the forward stays exactly 0/1
-
-
-def sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau=1.0, uniform_A=None, uniform_e=None):
-    """Eq. (12) for both masks, n_samples times: mask_A [B, S, N, N] (never on the diagonal),
-    mask_e [B, S, N]. logits_A [B, N, N], logits_e [B, N]; uniform_A [B, S, N, N] and
-    uniform_e [B, S, N] optionally fix the noise."""
-    B, N = logits_e.shape
-    eye = torch.eye(N, dtype=torch.bool, device=logits_A.device)
-    # The mask lives on off-diagonal entries only: a -inf logit is never picked and has zero probability.
-    logits_A = logits_A.masked_fill(eye, float("-inf"))
-    logits_A = logits_A[:, None].expand(B, n_samples, N, N).reshape(B, n_samples, N * N)
-    logits_e = logits_e[:, None].expand(B, n_samples, N)
-    if uniform_A is not None:
-        uniform_A = uniform_A.reshape(B, n_samples, N * N)
-    mask_A = gumbel_topk(logits_A, k_A, tau, uniform_A).reshape(B, n_samples, N, N)
-    mask_e = gumbel_topk(logits_e, k_e, tau, uniform_e)
-    return mask_A, mask_e
-
-
-def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
-                     uniform_A=None, uniform_e=None):
-    """Eq. (11)-(13): sample n_samples personalized masks and solve the masked SCM for each.
-
-    z [B, N, d]; A [N, N] (A[i, j] = effect of factor i on factor j); logits_A [B, N, N] (diagonal
-    ignored); logits_e [B, N]; uniform_A [B, S, N, N] and uniform_e [B, S, N] optionally fix the noise.
-    Returns e_star [B, S, N, d], mask_A [B, S, N, N] (0/1 forward, zero diagonal), mask_e [B, S, N],
-    where (I - (mask_A * A)^T) e_star = mask_e * z for every sample.
-    """
-    B, N, d = z.shape
-    if not 1 <= k_A <= N * (N - 1):
-        raise ValueError(f"k_A must be in 1..N(N-1)={N * (N - 1)}, got {k_A}")
-    if not 1 <= k_e <= N:
-        raise ValueError(f"k_e must be in 1..N={N}, got {k_e}")
-    mask_A, mask_e = sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e)  # Eq. (12)
-    # Eq. (13): e* = (I - (M_A * A)^T)^-1 (M_e * z). The masked graph need not be acyclic while
-    # training, so this is a general solve, not a triangular one.
-    system = torch.eye(N, dtype=z.dtype, device=z.device) - (mask_A * A).transpose(-1, -2)
-    e_star = torch.linalg.solve(system, mask_e[..., None] * z[:, None])
-    return e_star, mask_A, mask_e
-
-
-def balance(y_shared, y_samples, beta):
-    """Eq. (16)-(17): mix the shared prediction and the mean personalized one by the uncertainty.
-
-    y_samples holds the N_m samples in its last dimension. Returns (y, uncertainty) with
-    uncertainty = sigmoid(Var / beta), the weight of the shared prediction.
-
-    True to the paper and easy to miss: Var >= 0, so sigmoid(Var / beta) >= 1/2. The shared
-    prediction always keeps at least half the weight, and the personalized one never gets more
-    than half, however certain it is (exactly half when all N_m samples agree).
-    """
-    mean = y_samples.mean(-1)                         # Eq. (16), Y*_mu
-    variance = y_samples.var(-1, unbiased=False)      # Eq. (16), Y*_sigma (population variance)
-    uncertainty = torch.sigmoid(variance / beta)
-    y = y_shared * uncertainty + mean * (1 - uncertainty)   # Eq. (17)
-    return y, uncertainty
-
-
-# ------------------------------------------------------------------------------------------------
-# Section 2.3: the encoder q_phi(z | u, i) (Eq. (2)-(6), "Implementation Details")
-# ------------------------------------------------------------------------------------------------
+# Eq. (2)-(4), the generative model and why q_phi approximates its posterior, are in PlanRec.encode;
+# Eq. (5)-(6), the -ELBO we minimize (reconstruction + KL to the prior), in PlanRec.loss.
 
 def padding_bias(keep, dtype):
     """[B, 1, 1, T] additive attention bias from keep [B, T] (False at padding): 0 or -inf. The same
@@ -431,6 +269,44 @@ class Encoder(nn.Module):
         return stats[..., 0, :, :], stats[..., 1, :, :], summary
 
 
+# ------------------------------------------------------------------------------------------------
+# Section 2.3, disentanglement with prior: factors tied to user/item attributes
+# ------------------------------------------------------------------------------------------------
+
+ATTRIBUTE_KINDS = ("class", "multilabel", "regression")
+
+
+def parse_attribute(spec):
+    """'user.gender:class:2' -> ('user', 'gender', 'class', 2)."""
+    try:
+        name, kind, size = spec.split(":")
+        side, attribute = name.split(".", 1)
+        size = int(size)
+    except ValueError:
+        raise ValueError(f"tied attribute {spec!r}: expected 'side.name:kind:size'") from None
+    if side not in ("user", "item") or kind not in ATTRIBUTE_KINDS or size < 1:
+        raise ValueError(f"tied attribute {spec!r}: side must be user or item, kind one of {ATTRIBUTE_KINDS}, size >= 1")
+    return side, attribute, kind, size
+
+
+def tied_factor_index(cfg):
+    """The factor each entry of cfg.tied_attributes is tied to (user entries from factor 0, item
+    entries from factor N_u, each side in its listed order)."""
+    index, next_free = [], {"user": 0, "item": cfg.n_user_factors}
+    for side, *_ in map(parse_attribute, cfg.tied_attributes):
+        index.append(next_free[side])
+        next_free[side] += 1
+    return index
+
+
+def factor_names(cfg):
+    """Tied factors are named after their attribute ('user.gender'), the others user_k / item_k."""
+    names = [f"user_{k}" if k < cfg.n_user_factors else f"item_{k}" for k in range(cfg.n_factors)]
+    for k, (side, attribute, *_) in zip(tied_factor_index(cfg), map(parse_attribute, cfg.tied_attributes)):
+        names[k] = f"{side}.{attribute}"
+    return names
+
+
 class AttributePredictors(nn.Module):
     """Disentanglement with prior (section 2.3): one linear predictor per tied attribute, reading
     only its own factor z_k (classification for unordered values, multi-label for genres,
@@ -471,87 +347,29 @@ class AttributePredictors(nn.Module):
 # Section 2.4: shared structure learning (Eq. (7)-(10))
 # ------------------------------------------------------------------------------------------------
 
-# Rows of g's first layer per chunk: the parent-masked inputs of a chunk (N x rows x N*d floats,
-# 2 MiB at N = d = 8) stay in the CPU's cache, where the whole [N, M, N*d] tensor of the
-# personalized branch (67 MB at the ML-1M batch) would not, and would be page-faulted in afresh on
-# every allocation (issue 12; `python -m bench_train` measures it).
-G_CHUNK_ROWS = 1024
+DEPENDENCY_BLOCKS = ("u2u", "u2i", "i2u", "i2i")
 
 
-def _parent_masked(coef_t, e, rows):
-    """x[i, m, (j, d)] = coef[m, j, i] e[m, j, d] for the rows m of one chunk: [N, rows, N*d]."""
-    return (coef_t[:, rows, :, None] * e[rows]).flatten(2)
+def dependency_blocks(text):
+    names = [b.strip() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in DEPENDENCY_BLOCKS]
+    if unknown:
+        raise ValueError(f"drop_dependencies: unknown block(s) {unknown}; use a comma-separated subset of "
+                         f"{','.join(DEPENDENCY_BLOCKS)}")
+    return set(names)
 
 
-class _ParentMaskedLinear(torch.autograd.Function):
-    """The first layer of every factor's g at once: pre[i, m] = b1[i] + sum_j coef[m, j, i] (e[m, j] @ W1[i, j]).
-
-    The parent-masked inputs x[i, m, (j, d)] = coef[m, j, i] e[m, j, d] are built and used one
-    chunk of G_CHUNK_ROWS rows at a time, forward and backward (which rebuilds them rather than
-    keeping them): the same numbers as one big batched matmul, with the memory traffic kept in
-    cache. Backward: grad W1 = x^T grad_pre, grad x = grad_pre W1^T, then grad coef (a sum over d)
-    and grad e (a sum over the children) from grad x."""
-
-    @staticmethod
-    def forward(ctx, coef_t, e, w1, b1):
-        """coef_t [N(child), M, N(parent)], e [M, N, d], w1 [N, N*d, H], b1 [N, 1, H] -> [N, M, H]."""
-        N, M, _ = coef_t.shape
-        pre = torch.empty(N, M, w1.shape[-1], dtype=e.dtype, device=e.device)
-        for start in range(0, M, G_CHUNK_ROWS):       # chunks of rows, not a loop over rows
-            rows = slice(start, start + G_CHUNK_ROWS)
-            pre[:, rows] = torch.baddbmm(b1, _parent_masked(coef_t, e, rows), w1)
-        ctx.save_for_backward(coef_t, e, w1)
-        return pre
-
-    @staticmethod
-    def backward(ctx, grad_pre):
-        coef_t, e, w1 = ctx.saved_tensors
-        N, M, _ = coef_t.shape
-        d = e.shape[-1]
-        need_coef, need_e, need_w1, need_b1 = ctx.needs_input_grad
-        grad_coef_t = torch.empty_like(coef_t) if need_coef else None
-        grad_e = torch.empty_like(e) if need_e else None
-        grad_w1 = torch.zeros_like(w1) if need_w1 else None
-        grad_b1 = grad_pre.sum(1, keepdim=True) if need_b1 else None
-        w1_t = w1.transpose(1, 2).contiguous()
-        for start in range(0, M, G_CHUNK_ROWS):
-            rows = slice(start, start + G_CHUNK_ROWS)
-            grad_chunk, e_chunk, coef_chunk = grad_pre[:, rows], e[rows], coef_t[:, rows, :, None]
-            if need_w1:
-                grad_w1.baddbmm_(_parent_masked(coef_t, e, rows).transpose(1, 2), grad_chunk)
-            if need_coef or need_e:
-                grad_x = torch.bmm(grad_chunk, w1_t).unflatten(-1, (N, d))      # [N(child), rows, N, d]
-                if need_coef:       # sum over d of grad x * e (einsum measured faster than product + sum)
-                    grad_coef_t[:, rows] = torch.einsum("imjd,mjd->imj", grad_x, e_chunk)
-                if need_e:          # sum over children of coef * grad x
-                    grad_e[rows] = (grad_x * coef_chunk).sum(0)
-        return grad_coef_t, grad_e, grad_w1, grad_b1
-
-
-class FactorMLPs(nn.Module):
-    """g_vartheta of Eq. (8) and (14): one small MLP per factor (one hidden layer, our choice), all
-    N evaluated together.
-
-    Factor i's MLP reads its parent-masked factors (coefficient[j, i] * e_j for every j, N x d
-    numbers) and returns d numbers."""
-
-    def __init__(self, n_factors, factor_dim, hidden):
-        super().__init__()
-        n_in = n_factors * factor_dim
-        self.w1 = nn.Parameter(torch.randn(n_factors, n_in, hidden) / math.sqrt(n_in))
-        self.b1 = nn.Parameter(torch.zeros(n_factors, 1, hidden))
-        self.w2 = nn.Parameter(torch.randn(n_factors, hidden, factor_dim) / math.sqrt(hidden))
-        self.b2 = nn.Parameter(torch.zeros(n_factors, 1, factor_dim))
-
-    def forward(self, coefficient, e):
-        """coefficient [..., N(parent), N(child)] (A, or a masked A); e [..., N, d] -> e-hat [..., N, d]."""
-        N, d = e.shape[-2:]
-        batch = torch.broadcast_shapes(coefficient.shape[:-2], e.shape[:-2])
-        coef_t = coefficient.expand(*batch, N, N).reshape(-1, N, N).permute(2, 0, 1).contiguous()
-        rows = e.expand(*batch, N, d).reshape(-1, N, d).contiguous()
-        h = F.gelu(_ParentMaskedLinear.apply(coef_t, rows, self.w1, self.b1))     # [N, M, H]
-        out = torch.baddbmm(self.b2, h, self.w2)                                  # [N, M, d]
-        return out.transpose(0, 1).reshape(*batch, N, d)
+def dependency_support(cfg):
+    """[N, N] bool: the entries of A the model may use (A[i, j] = effect of factor i on factor j):
+    off-diagonal, and outside every dropped block."""
+    N, Nu = cfg.n_factors, cfg.n_user_factors
+    user = torch.arange(N) < Nu
+    allowed = ~torch.eye(N, dtype=torch.bool)
+    sides = {"u2u": (user, user), "u2i": (user, ~user), "i2u": (~user, user), "i2i": (~user, ~user)}
+    for block in dependency_blocks(cfg.drop_dependencies):
+        parent, child = sides[block]
+        allowed &= ~(parent[:, None] & child[None, :])
+    return allowed
 
 
 def scm(z, A):
@@ -561,23 +379,182 @@ def scm(z, A):
     return torch.einsum("ij,...jd->...id", inverse, z)
 
 
-def mlp(n_in, hidden, n_out):
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+def factor_mlps(coefficient, e, w1, b1, w2, b2):
+    """g_vartheta of Eq. (8) and (14): e-hat_i = g_i(A_i * e), one small MLP g_i per factor (one
+    hidden layer, our choice), all N evaluated together. kernels.factor_mlps computes the same.
 
+    coefficient [..., N(parent), N(child)] (A, or a masked A); e [..., N, d]; the weights of the
+    N MLPs w1 [N, N*d, H], b1 [N, 1, H], w2 [N, H, d], b2 [N, 1, d]. Returns e-hat [..., N, d]."""
+    N, d = e.shape[-2:]
+    batch = torch.broadcast_shapes(coefficient.shape[:-2], e.shape[:-2])
+    # Factor i's input A_i * e: x[i, ..., (j, d)] = coefficient[..., j, i] * e[..., j, d], its
+    # parents' factors scaled by their effect on it, every other factor zero (N x d numbers).
+    x = coefficient.expand(*batch, N, N).movedim(-1, 0)[..., None] * e          # [N, ..., N, d]
+    x = x.reshape(N, -1, N * d)                                                # [N, M, N*d]
+    hidden = F.gelu(torch.baddbmm(b1, x, w1))                                  # [N, M, H]
+    out = torch.baddbmm(b2, hidden, w2)                                        # [N, M, d]
+    return out.reshape(N, *batch, d).movedim(0, -2)
+
+
+class FactorMLPs(nn.Module):
+    """g_vartheta of Eq. (8) and (14): the parameters of the N factor MLPs. fn computes g from
+    them (factor_mlps above by default, or kernels.factor_mlps; both share one signature)."""
+
+    def __init__(self, n_factors, factor_dim, hidden, fn=None):
+        super().__init__()
+        n_in = n_factors * factor_dim
+        self.w1 = nn.Parameter(torch.randn(n_factors, n_in, hidden) / math.sqrt(n_in))
+        self.b1 = nn.Parameter(torch.zeros(n_factors, 1, hidden))
+        self.w2 = nn.Parameter(torch.randn(n_factors, hidden, factor_dim) / math.sqrt(hidden))
+        self.b2 = nn.Parameter(torch.zeros(n_factors, 1, factor_dim))
+        self.fn = fn or factor_mlps
+
+    def forward(self, coefficient, e):
+        """coefficient [..., N(parent), N(child)]; e [..., N, d] -> e-hat [..., N, d]."""
+        return self.fn(coefficient, e, self.w1, self.b1, self.w2, self.b2)
+
+
+# Eq. (9), L_struct = ||e-hat - e||^2, is a term of the loss: PlanRec.loss.
+
+def dag_penalty(A, alpha=None):
+    """Eq. (10): L_dag = tr((I + alpha A*A)^N) - N; zero exactly when A is acyclic (NOTEARS-style, [17]).
+
+    alpha defaults to 1/N (our choice: keeps the spectral radius of I + alpha A*A moderate for
+    entries of order 1)."""
+    n = A.shape[-1]
+    alpha = 1.0 / n if alpha is None else alpha
+    eye = torch.eye(n, dtype=A.dtype, device=A.device)
+    M = torch.linalg.matrix_power(eye + alpha * A * A, n)
+    return torch.diagonal(M, dim1=-2, dim2=-1).sum(-1) - n
+
+
+# |A| below this counts as no edge when we ask whether a learned A is a DAG (our choice: A's
+# entries are of order 0.1-1 after training, and L_dag rarely reaches exactly zero).
+EDGE_THRESHOLD = 0.05
+
+
+def is_acyclic(A, threshold=EDGE_THRESHOLD):
+    """Whether the graph {i -> j : |A[i, j]| > threshold} has no cycle (its adjacency is nilpotent)."""
+    adjacency = (A.detach().abs() > threshold).double()
+    return bool(torch.linalg.matrix_power(adjacency, A.shape[-1]).abs().sum() == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Section 2.5: personalized structure learning (Eq. (11)-(14))
+# ------------------------------------------------------------------------------------------------
+
+# Eq. (11), the mask scores M-bar = MLP_mask(u), is PlanRec.mask_logits.
 
 # A logit that Eq. (12) never picks: blocked dependencies get it (finite, unlike the diagonal's
 # -inf, so that the eager function and the Triton kernel treat it alike: exp(-1e4) is 0 in float32).
 NEVER_LOGIT = -1e4
 
 
+def gumbel_topk(logits, k, tau=1.0, uniform=None):
+    """Eq. (12) with the straight-through top-K of [26], over the last dimension.
+
+    Forward: exactly k ones (the k largest of logits + G) and zeros elsewhere.
+    Backward: the gradient of softmax((logits + G) / tau), G = -log(-log U).
+    The logits play the role of log(M-bar) in Eq. (12). Entries with logit -inf are never chosen
+    while at least k entries are finite.
+    """
+    if uniform is None:
+        uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny)
+    gumbel = -torch.log(-torch.log(uniform))
+    perturbed = logits + gumbel
+    # top-K of the perturbed logits = top-K of the soft probabilities, for any tau > 0; the mask
+    # needs the set of the k largest, not their order (unsorted is faster on CPU, issue 12)
+    index = perturbed.topk(k, dim=-1, sorted=False).indices
+    hard = torch.zeros_like(perturbed).scatter_(-1, index, 1.0)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return hard                      # inference: the softmax only matters for the gradient
+    soft = torch.softmax(perturbed if tau == 1 else perturbed / tau, dim=-1)
+    return hard + (soft - soft.detach())   # parenthesized: the forward stays exactly 0/1
+
+
+def sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau=1.0, uniform_A=None, uniform_e=None):
+    """Eq. (12) for both masks, n_samples times: mask_A [B, S, N, N] (never on the diagonal),
+    mask_e [B, S, N]. logits_A [B, N, N], logits_e [B, N]; uniform_A [B, S, N, N] and
+    uniform_e [B, S, N] optionally fix the noise."""
+    B, N = logits_e.shape
+    eye = torch.eye(N, dtype=torch.bool, device=logits_A.device)
+    # The mask lives on off-diagonal entries only: a -inf logit is never picked and has zero probability.
+    logits_A = logits_A.masked_fill(eye, float("-inf"))
+    logits_A = logits_A[:, None].expand(B, n_samples, N, N).reshape(B, n_samples, N * N)
+    logits_e = logits_e[:, None].expand(B, n_samples, N)
+    if uniform_A is not None:
+        uniform_A = uniform_A.reshape(B, n_samples, N * N)
+    mask_A = gumbel_topk(logits_A, k_A, tau, uniform_A).reshape(B, n_samples, N, N)
+    mask_e = gumbel_topk(logits_e, k_e, tau, uniform_e)
+    return mask_A, mask_e
+
+
+def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
+                     uniform_A=None, uniform_e=None):
+    """Eq. (11)-(13): sample n_samples personalized masks and solve the masked SCM for each.
+
+    z [B, N, d]; A [N, N] (A[i, j] = effect of factor i on factor j); logits_A [B, N, N] (diagonal
+    ignored); logits_e [B, N]; uniform_A [B, S, N, N] and uniform_e [B, S, N] optionally fix the noise.
+    Returns e_star [B, S, N, d], mask_A [B, S, N, N] (0/1 forward, zero diagonal), mask_e [B, S, N],
+    where (I - (mask_A * A)^T) e_star = mask_e * z for every sample.
+    """
+    B, N, d = z.shape
+    if not 1 <= k_A <= N * (N - 1):
+        raise ValueError(f"k_A must be in 1..N(N-1)={N * (N - 1)}, got {k_A}")
+    if not 1 <= k_e <= N:
+        raise ValueError(f"k_e must be in 1..N={N}, got {k_e}")
+    mask_A, mask_e = sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e)  # Eq. (12)
+    # Eq. (13): e* = (I - (M_A * A)^T)^-1 (M_e * z). The masked graph need not be acyclic while
+    # training, so this is a general solve, not a triangular one.
+    system = torch.eye(N, dtype=z.dtype, device=z.device) - (mask_A * A).transpose(-1, -2)
+    e_star = torch.linalg.solve(system, mask_e[..., None] * z[:, None])
+    return e_star, mask_A, mask_e
+
+
+# Eq. (14), e-hat*_i = g((M^(A)_i * A_i) * (M^(e) * e*)), is g of Eq. (8) on masked coefficients:
+# PlanRec.personalize_and_balance.
+
+
 # ------------------------------------------------------------------------------------------------
-# The model: Algorithm 1
+# Section 2.6: balancing personalization and shared knowledge (Eq. (15)-(17))
 # ------------------------------------------------------------------------------------------------
 
+# Eq. (15), the predictions Y^c = MLP_R(e-hat) and Y* = MLP_R*(e-hat*), is PlanRec.predict.
+
+def balance(y_shared, y_samples, beta):
+    """Eq. (16)-(17): mix the shared prediction and the mean personalized one by the uncertainty.
+
+    y_samples holds the N_m samples in its last dimension. Returns (y, uncertainty) with
+    uncertainty = sigmoid(Var / beta), the weight of the shared prediction.
+
+    True to the paper and easy to miss: Var >= 0, so sigmoid(Var / beta) >= 1/2. The shared
+    prediction always keeps at least half the weight, and the personalized one never gets more
+    than half, however certain it is (exactly half when all N_m samples agree).
+    """
+    mean = y_samples.mean(-1)                         # Eq. (16), Y*_mu
+    variance = y_samples.var(-1, unbiased=False)      # Eq. (16), Y*_sigma (population variance)
+    uncertainty = torch.sigmoid(variance / beta)
+    y = y_shared * uncertainty + mean * (1 - uncertainty)   # Eq. (17)
+    return y, uncertainty
+
+
+# ------------------------------------------------------------------------------------------------
+# Eq. (18), the loss, and the model: Algorithm 1
+# ------------------------------------------------------------------------------------------------
+
+def mlp(n_in, hidden, n_out):
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+
+
 class PlanRec(nn.Module):
-    def __init__(self, cfg: Config, scm_fn=None):
-        """scm_fn: the implementation of personalized_scm to use (this file's eager one by default,
-        or kernels.personalized_scm); both share one signature."""
+    """Algorithm 1: Theta = {phi (encoder), theta (decoder), A, vartheta (g), MLP_mask, MLP_R, MLP_R*}."""
+
+    def __init__(self, cfg: Config, scm_fn=None, factor_mlps_fn=None):
+        """scm_fn, factor_mlps_fn: the implementations of personalized_scm and of g to use (this
+        file's by default, or kernels.personalized_scm and kernels.factor_mlps: same signatures).
+
+        The order in which the parts are created below fixes the random stream of their
+        initialization: reordering them changes every seeded run."""
         super().__init__()
         self.cfg = cfg
         D, N, d = cfg.embed_dim, cfg.n_factors, cfg.factor_dim
@@ -600,7 +577,7 @@ class PlanRec(nn.Module):
             # a constant, and no gradient reaches the encoder until A has grown). Blocked entries
             # start at zero and get no gradient (A is used through A * support), so they stay zero.
             self.dependency_matrix = nn.Parameter(0.1 * torch.randn(N, N) * support)
-            self.g = FactorMLPs(N, d, cfg.g_hidden)
+            self.g = FactorMLPs(N, d, cfg.g_hidden, factor_mlps_fn)
             # The masks can only keep allowed entries: K_A is clipped to how many there are.
             self.k_A = min(cfg.k_A, int(support.sum()))
         if cfg.structure == "personalized":

@@ -20,12 +20,8 @@ FEW = settings(max_examples=15, deadline=None)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Every tensor here is tiny: extra threads only cost time, badly so on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def one_thread(few_threads):
+    """Every tensor here is tiny: one thread (conftest.py: PLANREC_TEST_THREADS overrides it)."""
 
 
 seeds = st.integers(0, 2**31 - 1)
@@ -873,8 +869,8 @@ def toy_problem():
     return users, history, items, labels
 
 
-def train_toy(steps, lr, **kw):
-    torch.manual_seed(0)
+def train_toy(steps, lr, seed=0, **kw):
+    torch.manual_seed(seed)
     model = PlanRec(tiny_config(**kw))
     users, history, items, labels = toy_problem()
 
@@ -913,17 +909,35 @@ def test_vae_base_beats_the_constant_predictor_on_a_toy_problem():
     assert after["recommend"] < CONSTANT_BCE - 0.2
 
 
+SHARED_TOY = dict(structure="shared", w_kl=0.0, reconstruction_reg=False, dag_reg=False, dependency_reg=False)
+
+
+def shared_toy_losses(seeds):
+    return [float(train_toy(100, 2e-2, seed=seed, **SHARED_TOY)[1]["recommend"]) for seed in seeds]
+
+
 def test_shared_structure_path_can_carry_the_signal_on_a_toy_problem():
-    # The same through e-hat = g(A_i * e): A starts at zero, so at first the prediction ignores the
-    # input; with the regularizers and the KL off it must still learn to beat the constant predictor.
-    _, after = train_toy(100, 2e-2, structure="shared", w_kl=0.0, reconstruction_reg=False,
-                         dag_reg=False, dependency_reg=False)
-    assert after["recommend"] < CONSTANT_BCE - 0.1
+    """The same through e-hat = g(A_i * e), with the regularizers and the KL off. A starts small
+    (0.1 randn), so at first the prediction nearly ignores its input: a saddle that one float
+    trajectory may or may not leave in 100 steps (seed 0 stays there on one thread on an AMD EPYC
+    and leaves it on two). So: 5 initializations, and a majority of them must beat the constant
+    predictor by 0.1 (measured: 5 or 6 of 6 do, ending near 0, with 1 and 2 threads). A broken
+    path fails every seed (the next test)."""
+    losses = shared_toy_losses(range(5))
+    assert sum(loss < CONSTANT_BCE - 0.1 for loss in losses) >= 3, losses
+
+
+def test_shared_toy_fails_when_the_structure_carries_nothing(monkeypatch):
+    """The control of the test above: with A forced to zero every e-hat_i = g(0) is a constant, so
+    the prediction cannot depend on the input and no seed may beat the constant predictor."""
+    monkeypatch.setattr(PlanRec, "shared_A", lambda self: torch.zeros_like(self.dependency_matrix))
+    losses = shared_toy_losses(range(2))
+    assert all(loss > CONSTANT_BCE - 0.02 for loss in losses), losses
 
 
 # ================================================================================================
-# The paper's model by default, attribute prior, blocked dependencies (issue 8), and the
-# copy-free first layer of g (issue 12)
+# The paper's model by default, attribute prior, blocked dependencies (issue 8); g of Eq. (8)
+# and its CPU kernel are tested in tests/test_factor_mlps.py
 # ================================================================================================
 
 def test_default_model_is_the_papers_architecture():
@@ -946,60 +960,6 @@ def test_paper_settings_are_section_3_1():
     assert (cfg.embed_dim, cfg.encoder, cfg.mask_input, cfg.predict_from) == (8, "paper", "id", "e_hat")
     assert cfg.w_recommend == cfg.w_reconstruct == cfg.w_kl == cfg.w_struct == cfg.w_dag == 1.0
     assert (cfg.tau, cfg.beta, cfg.history_len, cfg.n_layers) == (1.0, 0.002, 50, 2)
-
-
-def old_factor_mlps(g, coefficient, e):
-    """The formulation of commit 6b35fe2: materialized parent-masked copies."""
-    N, d = e.shape[-2:]
-    batch = torch.broadcast_shapes(coefficient.shape[:-2], e.shape[:-2])
-    parents = coefficient.expand(*batch, N, N).movedim(-1, 0)[..., None] * e[None]
-    x = parents.reshape(N, -1, N * d)
-    h = torch.nn.functional.gelu(torch.baddbmm(g.b1, x, g.w1))
-    out = torch.baddbmm(g.b2, h, g.w2)
-    return out.reshape(N, *batch, d).movedim(0, -2)
-
-
-@FEW
-@given(seed=seeds, shape=st.sampled_from([((5,), (5,)), ((3, 4, 1), (3, 4, 2)), ((), (6,)), ((2, 1), (2, 3))]),
-       N=st.integers(2, 5), d=st.integers(1, 4))
-def test_factor_mlps_equal_the_materialized_formulation(seed, shape, N, d):
-    coef_batch, e_batch = shape
-    torch.manual_seed(seed)
-    g = planrec.FactorMLPs(N, d, 3).double()
-    with torch.no_grad():
-        for p in (g.b1, g.b2):
-            p.normal_()
-    coefficient = torch.randn(*coef_batch, N, N, generator=rng(seed), dtype=torch.float64, requires_grad=True)
-    e = torch.randn(*e_batch, N, d, generator=rng(seed + 1), dtype=torch.float64, requires_grad=True)
-    new, old = g(coefficient, e), old_factor_mlps(g, coefficient, e)
-    torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
-    upstream = torch.randn(new.shape, generator=rng(seed + 2), dtype=torch.float64)
-    params = (coefficient, e, g.w1, g.b1, g.w2, g.b2)
-    for a, b in zip(torch.autograd.grad(new, params, upstream), torch.autograd.grad(old, params, upstream)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("chunk_rows", [1, 2, 5])
-def test_factor_mlps_in_chunks_equal_one_chunk(chunk_rows, monkeypatch):
-    """g's first layer runs in chunks of G_CHUNK_ROWS rows (issue 12): several chunks and a
-    remainder give the numbers of the materialized formulation, forward and every gradient."""
-    g = planrec.FactorMLPs(4, 3, 5).double()
-    coefficient = torch.randn(7, 1, 4, 4, generator=rng(3), dtype=torch.float64, requires_grad=True)
-    e = torch.randn(7, 2, 4, 3, generator=rng(4), dtype=torch.float64, requires_grad=True)   # M = 14 rows
-    monkeypatch.setattr(planrec, "G_CHUNK_ROWS", chunk_rows)
-    new, old = g(coefficient, e), old_factor_mlps(g, coefficient, e)
-    torch.testing.assert_close(new, old, rtol=1e-12, atol=1e-12)
-    upstream = torch.randn(new.shape, generator=rng(5), dtype=torch.float64)
-    params = (coefficient, e, g.w1, g.b1, g.w2, g.b2)
-    for a, b in zip(torch.autograd.grad(new, params, upstream), torch.autograd.grad(old, params, upstream)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-
-
-def test_factor_mlps_gradcheck():
-    g = planrec.FactorMLPs(3, 2, 4).double()
-    coefficient = torch.randn(2, 1, 3, 3, dtype=torch.float64, requires_grad=True)
-    e = torch.randn(2, 3, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda c, x: g(c, x), (coefficient, e))
 
 
 def test_eq9_gradient_reaches_z_through_e():
