@@ -7,10 +7,11 @@ one's size and skew.
   python bench_data.py --data-dir ../shared/data/ml-1m --popularity  # + popularity metrics
   python bench_data.py --amazon-synthetic data/amazon-synthetic --cleanup  # Amazon-Book path
 
-Times (a) raw files -> cached arrays (forced rebuild), (b) loading from the cache, (c) one full
-training epoch of batches; prints the median of --repeats runs (other processes share the CPU, so
-single runs are noisy). The cache goes where data.py puts it ($PLANREC_CACHE, else next to the
-data, else ./data/cache).
+Times (a) raw files -> prepared folder -> RecData (forced preparation), (b) prepared folder ->
+RecData (the protocol, recomputed on every load), (c) one full training epoch of batches; prints
+the median of --repeats runs (other processes share the CPU, so single runs are noisy). The
+prepared folder goes where datasets/common.py puts it ($PLANREC_CACHE/<name>, else next to the
+data, else ./data/prepared/<name>).
 
 --amazon-synthetic DIR writes DIR/ratings_Books.csv if absent (in a child process, so that its
 memory does not count): 22.5 million lines user,item,rating,timestamp in the real file's format
@@ -18,7 +19,10 @@ memory does not count): 22.5 million lines user,item,rating,timestamp in the rea
 about 8 million users and 2.3 million items with power-law degrees (a random bipartite graph with
 those degree sequences, so some (user, item) pairs repeat). Then it times (a) and (b) once each
 (--repeats) with --min-interactions (default 16) and reports this process's peak resident memory
-(ru_maxrss). DIR should be ignored by git (./data/ is); --cleanup deletes the file and its cache.
+(ru_maxrss). Here (a) is raw CSV -> prepared arrays only (datasets/amazon_book.py: read, ids,
+repeated pairs, 16-core, write) and (b) the prepared folder -> RecData (protocol, 2 x 100
+evaluation negatives per user). DIR should be ignored by git (./data/ is); --cleanup deletes the
+file and its prepared folder.
 """
 
 import argparse
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 import data
+from datasets import amazon_book, common
 
 AMAZON_SHAPE = {"n_rows": 22_500_000, "n_users": 8_000_000, "n_items": 2_300_000}
 
@@ -116,19 +121,20 @@ def write_amazon_synthetic(path, n_rows, n_users, n_items, seed=0, chunk=1 << 20
 
 def bench_amazon(args):
     folder = Path(args.amazon_synthetic)
-    source = folder / data.AMAZON_BOOK_FILE
+    source = folder / amazon_book.FILE
     if not source.is_file():
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--write-amazon-synthetic", str(source)], check=True)
         print(f"wrote {source} ({source.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
-    load = lambda rebuild: data.load_dataset("amazon-book", root=folder, seed=args.seed,
-                                             min_interactions=args.min_interactions, rebuild=rebuild)
+    prepare = lambda: amazon_book.load(folder, rebuild=True, min_interactions=args.min_interactions)
     rows = []
-    t, runs, d = timed(lambda: load(True), args.repeats)
-    rows.append((f"(a) raw CSV -> cached arrays (rebuild, {args.min_interactions}-core)", t, runs))
+    t, runs, _ = timed(prepare, args.repeats)
+    rows.append((f"(a) raw CSV -> prepared arrays ({args.min_interactions}-core)", t, runs))
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB
-    t, runs, d = timed(lambda: load(False), args.repeats)
-    rows.append(("(b) load from cache", t, runs))
+    load = lambda: data.load_dataset("amazon-book", root=folder, seed=args.seed,
+                                     min_interactions=args.min_interactions)
+    t, runs, d = timed(load, args.repeats)
+    rows.append(("(b) prepared -> RecData (protocol)", t, runs))
     print(f"data: {source} ({source.stat().st_size / 1e9:.2f} GB)  {d}")
     print(f"{'stage':<52} {'median s':>9}   runs (s)")
     for name, median, runs in rows:
@@ -136,11 +142,12 @@ def bench_amazon(args):
     print(f"peak resident memory of this process after (a): {peak_gb:.2f} GiB")
     if args.cleanup:
         source.unlink()
-        for cache in folder.glob("planrec_cache_amazon-book_*.npz"):
-            cache.unlink()
+        for prepared in common.prepared_dirs("amazon-book", folder):
+            if (prepared / common.META_FILE).is_file():
+                shutil.rmtree(prepared)
         if not any(folder.iterdir()):
             folder.rmdir()
-        print(f"deleted {source} and its cache")
+        print(f"deleted {source} and its prepared folder")
 
 
 def main():
@@ -149,7 +156,7 @@ def main():
     parser.add_argument("--amazon-synthetic", default=None, metavar="DIR",
                         help="bench the Amazon-Book path on DIR/ratings_Books.csv, generated if absent")
     parser.add_argument("--min-interactions", type=int, default=16, help="k-core of --amazon-synthetic")
-    parser.add_argument("--cleanup", action="store_true", help="delete the generated file and its cache afterwards")
+    parser.add_argument("--cleanup", action="store_true", help="delete the generated file and its prepared folder afterwards")
     parser.add_argument("--write-amazon-synthetic", default=None, metavar="PATH", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, default=None, help="runs per stage (default 3; 1 with --amazon-synthetic)")
     parser.add_argument("--batch-size", type=int, default=4096)
@@ -165,13 +172,13 @@ def main():
         return bench_amazon(args)
     args.repeats = args.repeats or 3
 
-    load = lambda rebuild: data.load_movielens(args.data_dir, download=not args.no_download,
-                                               seed=args.seed, rebuild=rebuild)
+    load = lambda rebuild: data.load_dataset("ml-1m", args.data_dir, download=not args.no_download,
+                                             seed=args.seed, rebuild=rebuild)
     rows = []
     t, runs, d = timed(lambda: load(True), args.repeats)
-    rows.append(("(a) raw ML-1M -> cached arrays (rebuild)", t, runs))
+    rows.append(("(a) raw ML-1M -> prepared -> RecData", t, runs))
     t, runs, d = timed(lambda: load(False), args.repeats)
-    rows.append(("(b) load from cache", t, runs))
+    rows.append(("(b) prepared -> RecData (protocol)", t, runs))
     t, runs, n = timed(lambda: one_epoch(d, args.batch_size, args.negatives, args.seed), args.repeats)
     rows.append((f"(c) one training epoch, batch {args.batch_size}, {args.negatives} negative(s)", t, runs))
 

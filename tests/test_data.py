@@ -1,9 +1,14 @@
-"""Tests for data.py: they write their own small files; only one test reads the shared ML-1M."""
+"""Tests for data.py (the protocol) and datasets/ (preparation): they write their own small files;
+only one test reads the shared ML-1M, and none downloads."""
 
 import hashlib
 import io
+import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import urllib.error
 import warnings
@@ -15,8 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import data
+from datasets import amazon_book, common, interactions, ml1m, synthetic
 
 SHARED_ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
+CANONICAL_COUNTS = "ignore:.*canonical MovieLens-1M has"  # small ML-1M-format files never have them
 FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -26,7 +33,7 @@ def write_ml(folder, ratings, users=None, movies=None):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if users is None:
-        users = [f"{u}::{'MF'[u % 2]}::{data.ML1M_AGE_CODES[u % 7]}::{u % 21}::12345"
+        users = [f"{u}::{'MF'[u % 2]}::{ml1m.AGE_CODES[u % 7]}::{u % 21}::12345"
                  for u in sorted({r[0] for r in ratings})]
     if movies is None:
         movies = [f"{i}::Movie {i} ({1900 + i})::{'Comedy|Drama' if (i // 10) % 2 else 'Action'}"
@@ -37,15 +44,27 @@ def write_ml(folder, ratings, users=None, movies=None):
     return folder
 
 
+def load_ml(folder, **kw):
+    """An ML-1M-format folder under the protocol (kw: load_dataset's); the count warning (small
+    files never have the canonical counts) is left to the caller."""
+    return data.load_dataset("ml-1m", root=folder, download=False, **kw)
+
+
 def load_quiet(folder, **kw):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # small files never have the canonical counts
-        return data._load_folder(folder, "test", None, **kw)
+        warnings.simplefilter("ignore", UserWarning)
+        return load_ml(folder, **kw)
+
+
+def nothing_prepared(*folders):
+    """No prepared data, finished or half-written, under folders and ./data."""
+    return not [p for f in (*folders, "data") for p in Path(f).rglob("*")
+                if p.name in ("log.npz", "meta.json") or p.name.endswith((".part", ".old"))]
 
 
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
-    # Every test runs in its own folder: ./data/... and the cache never touch the checkout.
+    # Every test runs in its own folder: ./data/... and prepared data never touch the checkout.
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PLANREC_DATA", raising=False)
     monkeypatch.delenv("PLANREC_CACHE", raising=False)
@@ -54,13 +73,13 @@ def isolated(tmp_path, monkeypatch):
 @pytest.fixture(scope="module")
 def small_world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("world") / "synthetic"
-    data.make_synthetic(folder, n_users=80, n_items=160, mean_len=25, seed=3)
+    synthetic.make_synthetic(folder, n_users=80, n_items=160, mean_len=25, seed=3)
     return folder
 
 
 @pytest.fixture(scope="module")
 def world_data(small_world):
-    return data._load_folder(small_world, "synthetic", None, seed=0)
+    return data.load_dataset("synthetic", root=small_world, seed=0)
 
 
 # --- protocol ---------------------------------------------------------------------------------
@@ -213,73 +232,226 @@ def test_eval_negative_sampler_is_uniform():
         data._sample_eval_negatives(keys, np.full(n_rows, 10), n_items, 11, np.random.default_rng(0))
 
 
-# --- cache ------------------------------------------------------------------------------------
+def reference_eval_negatives(interacted, n_items, k, rng):
+    """The sampler's draws read one by one: per row the first k items that are new to the row and
+    not the user's; rows with fewer are drawn again, all together, with twice the draws."""
+    n_free = min(n_items - len(items) for items in interacted)
+    size = int(np.ceil(1.5 * k * n_items / max(n_free, 1))) + 20
+    out, todo = {}, list(range(len(interacted)))
+    while todo:
+        draws = rng.integers(1, n_items + 1, size=(len(todo), size))
+        left = []
+        for u, row in zip(todo, draws):
+            chosen = []
+            for item in row.tolist():
+                if item not in interacted[u] and item not in chosen:
+                    chosen.append(item)
+            if len(chosen) >= k:
+                out[u] = chosen[:k]
+            else:
+                left.append(u)
+        todo, size = left, size * 2
+    return np.array([out[u] for u in range(len(interacted))])
 
-def cache_files(folder):
-    return sorted(Path(folder).glob("planrec_cache_*.npz"))
+
+@pytest.mark.parametrize("n_items, k", [(30, 8), (130, 100), (70_000, 5)])
+def test_eval_negative_sampler_matches_reference(n_items, k):
+    rng = np.random.default_rng(n_items)
+    interacted = [set(rng.choice(np.arange(1, n_items + 1), rng.integers(1, min(n_items - k, 25) + 1),
+                                 replace=False).tolist()) for _ in range(60)]
+    users = np.concatenate([np.full(len(items), u) for u, items in enumerate(interacted)])
+    keys = data._sorted_keys(users, np.concatenate([sorted(items) for items in interacted]), n_items)
+    lengths = np.array([len(items) for items in interacted])
+    mine = data._sample_eval_negatives(keys, lengths, n_items, k, np.random.default_rng(7))
+    assert np.array_equal(mine, reference_eval_negatives(interacted, n_items, k, np.random.default_rng(7)))
 
 
-def test_cache_hit_rebuild_and_invalidation(tmp_path, monkeypatch):
+# --- the prepared folder ---------------------------------------------------------------------
+
+def count_calls(monkeypatch, module, name):
+    """Replace module.name by a wrapper that records each call; returns the list of calls."""
+    real, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def same_data(a, b):
+    keys = ("item_seq", "user_offsets", "train_pos", "valid_candidates", "test_candidates",
+            "item_train_count", "raw_user_ids", "raw_item_ids")
+    return all(np.array_equal(getattr(a, k), getattr(b, k)) for k in keys) and \
+        a.attr_vocab == b.attr_vocab and all(np.array_equal(a.item_attrs[k], b.item_attrs[k]) for k in a.item_attrs)
+
+
+def test_prepared_once_then_read(tmp_path, monkeypatch):
     folder = tmp_path / "w"
-    data.make_synthetic(folder, n_users=40, n_items=150, mean_len=15, seed=1)
-    load = lambda **kw: data._load_folder(folder, "synthetic", None, **{"n_eval_negatives": 20, **kw})
+    synthetic.make_synthetic(folder, n_users=40, n_items=150, mean_len=15, seed=1)
+    load = lambda **kw: data.load_dataset("synthetic", root=folder, **{"n_eval_negatives": 20, **kw})
     first = load(seed=5)
-    assert len(cache_files(folder)) == 1
+    assert sorted(p.name for p in (folder / "prepared").iterdir()) == ["log.npz", "meta.json"]
+    assert not list(folder.glob(".prepared*"))  # no temporary left
 
-    real_read = data.read_movielens
-    calls = []
-    monkeypatch.setattr(data, "read_movielens", lambda *a, **k: calls.append(1) or real_read(*a, **k))
+    calls = count_calls(monkeypatch, ml1m, "read_movielens")
     second = load(seed=5)
-    assert calls == []  # served from the cache
+    assert calls == []  # read from the prepared folder
     rebuilt = load(seed=5, rebuild=True)
     assert calls == [1]
-    for other in (second, rebuilt):
-        assert np.array_equal(first.test_candidates, other.test_candidates)
-        assert np.array_equal(first.valid_candidates, other.valid_candidates)
-        assert np.array_equal(first.item_seq, other.item_seq)
-        assert first.attr_vocab == other.attr_vocab
+    assert same_data(first, second) and same_data(first, rebuilt)
 
-    # a protocol setting changes -> another cache entry, built from the files
-    load(seed=6)
-    load(seed=5, n_eval_negatives=10)
-    load(seed=5, history_len=20)
-    monkeypatch.setattr(data, "PROTOCOL_VERSION", data.PROTOCOL_VERSION + 1)
-    load(seed=5)
-    assert len(calls) == 5 and len(cache_files(folder)) == 5
+    # protocol settings are applied on every load: no new preparation, but their effect
+    other_seed, fewer, short = load(seed=6), load(seed=5, n_eval_negatives=10), load(seed=5, history_len=20)
+    assert calls == [1]
+    assert np.array_equal(other_seed.item_seq, first.item_seq)
+    assert not np.array_equal(other_seed.test_candidates, first.test_candidates)
+    assert fewer.test_candidates.shape == (40, 11) and short.eval_split("test")[1].shape == (40, 20)
+    # a new format version prepares again
+    monkeypatch.setattr(common, "FORMAT_VERSION", common.FORMAT_VERSION + 1)
+    assert same_data(load(seed=5), first) and calls == [1, 1]
 
-    # a source file changes, same size and mtime -> rebuilt (the key hashes content)
+
+def test_meta_records_sources_and_settings(tmp_path):
+    rows = [f"{u},{i},{t}" for u, i, t in dense_rows(4, 30, 6)]
+    folder = write_log(tmp_path / "log", "user,item,timestamp", rows)
+    d = data.load_dataset("interactions", root=folder, min_interactions=1, n_eval_negatives=5)
+    meta = json.loads((folder / "prepared" / "meta.json").read_text())
+    stat = (folder / "interactions.csv").stat()
+    assert meta["format"] == common.FORMAT_VERSION and meta["dataset"] == "interactions"
+    assert meta["settings"] == {"min_interactions": 1}
+    assert meta["sources"] == [{"name": "interactions.csv", "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+                               {"name": "users.csv", "size": None, "mtime_ns": None},
+                               {"name": "items.csv", "size": None, "mtime_ns": None}]
+    assert meta["counts"] == {"interactions": 24, "users": 4, "items": len(d.raw_item_ids) - 1}
+    # an optional table that appears is a changed source: prepared again, with the attribute
+    (folder / "users.csv").write_text("user,tall\nU000,yes\n")
+    again = data.load_dataset("interactions", root=folder, min_interactions=1, n_eval_negatives=5)
+    assert again.user_attrs["tall"].tolist() == [1, 0, 0, 0] and again.attr_vocab["tall"] == ["", "yes"]
+
+
+def test_changed_source_prepares_again(tmp_path, monkeypatch):
+    folder = write_ml(tmp_path / "ml", GOOD + [(3, 1, 5), (3, 2, 6), (3, 3, 7)])
+    first = load_quiet(folder, n_eval_negatives=0)
+    calls = count_calls(monkeypatch, ml1m, "read_movielens")
     ratings = folder / "ratings.dat"
-    stat, text = ratings.stat(), ratings.read_text()
-    u, i, r, t = text.splitlines()[0].split("::")
-    ratings.write_text(text.replace(f"{u}::{i}::{r}::", f"{u}::{i}::{6 - int(r) if r != '3' else 4}::", 1))
-    os.utime(ratings, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert ratings.stat().st_size == stat.st_size
-    load(seed=5)
-    assert len(calls) == 6
+    ratings.write_text(ratings.read_text() + "3::4::3::8\n")  # another line: size and mtime change
+    with open(folder / "movies.dat", "a", encoding="latin-1") as f:
+        f.write("4::Movie 4 (1904)::Action\n")
+    again = load_quiet(folder, n_eval_negatives=0)
+    assert calls == [1] and len(again.item_seq) == len(first.item_seq) + 1 and again.n_items == 4
+    # the same size but a new mtime (a copy, a touch, an edit in place) prepares again too
+    stat = ratings.stat()
+    os.utime(ratings, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    load_quiet(folder, n_eval_negatives=0)
+    load_quiet(folder, n_eval_negatives=0)
+    assert calls == [1, 1]
 
 
-def test_cache_falls_back_when_data_folder_is_read_only(tmp_path, monkeypatch):
+def test_interrupted_preparation_leaves_no_finished_folder(tmp_path, monkeypatch):
+    folder = write_ml(tmp_path / "ml", GOOD)
+    good = load_quiet(folder, n_eval_negatives=0)
+    real_savez = np.savez
+
+    def savez_then_interrupt(path, **arrays):  # half a file, then Ctrl-C
+        Path(path).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common.np, "savez", savez_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        load_quiet(folder, n_eval_negatives=0, rebuild=True)
+    # the old folder was never touched (the new one is renamed into place only when complete)
+    assert sorted(p.name for p in folder.iterdir()) == ["movies.dat", "prepared", "ratings.dat", "users.dat"]
+    (folder / "ratings.dat").write_text((folder / "ratings.dat").read_text() + "1::4::3::13\n")
+    with open(folder / "movies.dat", "a", encoding="latin-1") as f:
+        f.write("4::Movie 4 (1904)::Action\n")
+    with pytest.raises(KeyboardInterrupt):
+        load_quiet(folder, n_eval_negatives=0)
+    # the stale folder stays stale: it does not match the sources, so it is never taken
+    monkeypatch.setattr(common.np, "savez", real_savez)
+    calls = count_calls(monkeypatch, ml1m, "read_movielens")
+    d = load_quiet(folder, n_eval_negatives=0)
+    assert calls == [1] and len(d.item_seq) == len(good.item_seq) + 1
+    assert sorted(p.name for p in folder.iterdir()) == ["movies.dat", "prepared", "ratings.dat", "users.dat"]
+    # a killed preparation leaves a temporary folder under another name: never read, and harmless
+    killed = folder / ".prepared-x1y2.part"
+    killed.mkdir()
+    (killed / "meta.json").write_text((folder / "prepared" / "meta.json").read_text())
+    (killed / "log.npz").write_bytes(b"half")
+    assert same_data(load_quiet(folder, n_eval_negatives=0), d) and calls == [1]
+
+
+def test_failed_read_writes_nothing(tmp_path):
+    folder = write_ml(tmp_path / "ml", GOOD)
+    (folder / "users.dat").write_text("1::F::1::0::1\n2::X::1::0::1\n")
+    with pytest.raises(ValueError, match=r"users\.dat:2: .*Gender should be F or M"):
+        load_quiet(folder)
+    assert nothing_prepared(folder)
+
+
+def test_prepared_folder_falls_back_when_data_folder_is_read_only(tmp_path, monkeypatch):
     folder = tmp_path / "ro"
-    data.make_synthetic(folder, n_users=30, n_items=150, mean_len=12, seed=2)
+    synthetic.make_synthetic(folder, n_users=30, n_items=150, mean_len=12, seed=2)
     folder.chmod(0o555)
     try:
-        data._load_folder(folder, "synthetic", None, n_eval_negatives=20)
-        assert cache_files(folder) == [] and len(cache_files(tmp_path / "data" / "cache")) == 1
+        first = data.load_dataset("synthetic", root=folder, n_eval_negatives=20)
+        assert not (folder / "prepared").exists()
+        assert (tmp_path / "data" / "prepared" / "synthetic" / "meta.json").is_file()
+        # an explicit place wins for writing; a matching prepared folder anywhere is read
         monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "mine"))
-        data._load_folder(folder, "synthetic", None, seed=1, n_eval_negatives=20)
-        assert len(cache_files(tmp_path / "mine")) == 1
+        calls = count_calls(monkeypatch, ml1m, "read_movielens")
+        assert same_data(first, data.load_dataset("synthetic", root=folder, n_eval_negatives=20))
+        assert calls == [] and not (tmp_path / "mine").exists()
+        again = data.load_dataset("synthetic", root=folder, n_eval_negatives=20, rebuild=True)
+        assert (tmp_path / "mine" / "synthetic" / "meta.json").is_file() and same_data(first, again)
     finally:
         folder.chmod(0o755)
 
 
-def test_corrupt_cache_is_rebuilt(tmp_path):
+@pytest.mark.filterwarnings(CANONICAL_COUNTS)
+def test_unwritable_everywhere_warns_and_still_loads(tmp_path, monkeypatch):
+    folder = write_ml(tmp_path / "ml", GOOD)
+    monkeypatch.setattr(common, "is_writable_dir", lambda folder: False)
+    with pytest.warns(UserWarning, match="could not write the prepared ml-1m .*set PLANREC_CACHE"):
+        d = load_ml(folder, n_eval_negatives=0)
+    assert d.n_users == 2 and nothing_prepared(folder)
+
+
+def test_damaged_prepared_folder_is_prepared_again(tmp_path):
     folder = tmp_path / "w"
-    data.make_synthetic(folder, n_users=30, n_items=150, mean_len=12, seed=2)
-    good = data._load_folder(folder, "synthetic", None, n_eval_negatives=20)
-    cache_files(folder)[0].write_bytes(b"not a zip")
-    with pytest.warns(UserWarning, match="unreadable cache"):
-        again = data._load_folder(folder, "synthetic", None, n_eval_negatives=20)
-    assert np.array_equal(good.test_candidates, again.test_candidates)
+    synthetic.make_synthetic(folder, n_users=30, n_items=150, mean_len=12, seed=2)
+    good = data.load_dataset("synthetic", root=folder, n_eval_negatives=20)
+    log = folder / "prepared" / "log.npz"
+    for damaged in (b"not a zip", log.read_bytes()[:len(log.read_bytes()) // 2]):  # and a truncated one
+        log.write_bytes(damaged)
+        with pytest.warns(UserWarning, match="unreadable prepared data"):
+            again = data.load_dataset("synthetic", root=folder, n_eval_negatives=20)
+        assert same_data(good, again)
+    (folder / "prepared" / "meta.json").unlink()  # no meta: not a finished folder
+    assert same_data(good, data.load_dataset("synthetic", root=folder, n_eval_negatives=20))
+    assert (folder / "prepared" / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("interactions", [], "interactions: prepared 24 interactions, 4 users"),
+    ("amazon_book", ["--min-interactions", "0"], "amazon-book: prepared 24 interactions, 4 users"),
+    ("ml1m", ["--no-download"], "ml-1m: prepared 6 interactions, 2 users, 3 items; attributes: "
+                                "user_attr.gender, user_attr.age, user_attr.occupation, item_attr.genres"),
+])
+def test_prepare_scripts_run(tmp_path, module, args, expected):
+    rows = dense_rows(4, 30, 6)
+    if module == "interactions":
+        write_log(tmp_path, "user,item,timestamp", [f"{u},{i},{t}" for u, i, t in rows])
+    elif module == "amazon_book":
+        write_amazon(tmp_path, rows)
+    else:
+        write_ml(tmp_path, GOOD)
+    done = subprocess.run([sys.executable, "-m", f"datasets.{module}", "--data-dir", str(tmp_path), *args],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == 0 and "Warning" not in done.stderr.replace("UserWarning: " + str(tmp_path), ""), done.stderr
+    assert done.stdout.startswith(expected) and (tmp_path / "prepared" / "meta.json").is_file()
+
+
+def test_prepare_script_errors_are_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "datasets.amazon_book", "--data-dir", str(tmp_path)],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.startswith("error: amazon-book: ratings_Books.csv was not found")
+    assert "Traceback" not in done.stderr
 
 
 # --- metrics ----------------------------------------------------------------------------------
@@ -314,6 +486,20 @@ def test_metrics_edge_cases():
         data.ranking_metrics(np.zeros(5))
 
 
+def test_per_user_metrics():
+    scores = np.array([[0.9, 0.1, 0.2, 0.3],   # rank 0
+                       [0.5, 0.6, 0.5, 0.1],   # rank 2 (tie counts against the positive)
+                       [0.0, 1.0, 2.0, 3.0]])  # rank 3
+    per_user = data.per_user_metrics(scores, ks=(1, 3))
+    assert list(per_user) == ["auc", "recall@1", "recall@3", "ndcg@1", "ndcg@3"]
+    assert all(v.shape == (3,) and v.dtype == np.float64 for v in per_user.values())
+    np.testing.assert_allclose(per_user["auc"], [1, 1 / 3, 0])
+    assert per_user["recall@1"].tolist() == [1, 0, 0] and per_user["recall@3"].tolist() == [1, 1, 0]
+    np.testing.assert_allclose(per_user["ndcg@3"], [1, 1 / np.log2(4), 0])
+    with pytest.raises(ValueError, match="NaN"):
+        data.per_user_metrics(np.full((2, 3), np.nan))
+
+
 score_rows = st.integers(1, 12).flatmap(lambda n: st.lists(
     st.lists(st.integers(-3, 3).map(float), min_size=n + 1, max_size=n + 1), min_size=1, max_size=6))
 
@@ -324,6 +510,8 @@ def test_metric_properties(rows, rnd):
     scores = np.array(rows)
     m = data.ranking_metrics(scores)
     assert all(0.0 <= v <= 1.0 for v in m.values())
+    # the means of the per-user values, the same floats
+    assert m == {k: float(v.mean()) for k, v in data.per_user_metrics(scores).items()}
     for k in (5, 10):
         assert m[f"ndcg@{k}"] <= m[f"recall@{k}"] + 1e-12
     assert m["recall@5"] <= m["recall@10"] and m["ndcg@5"] <= m["ndcg@10"]
@@ -376,7 +564,7 @@ def test_malformed_ratings_line(tmp_path, bad_line, expected):
     lines.insert(2, bad_line)
     (folder / "ratings.dat").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=rf"ratings\.dat:3: .*{expected}"):
-        data.read_movielens(folder, None)
+        ml1m.read_movielens(folder, None)
 
 
 @pytest.mark.parametrize("file, bad_line, expected", [
@@ -392,31 +580,32 @@ def test_malformed_users_and_movies(tmp_path, file, bad_line, expected):
     lines[1] = bad_line
     (folder / file).write_text("\n".join(lines) + "\n", encoding="latin-1")
     with pytest.raises(ValueError, match=rf"{file}:2: .*{expected}"):
-        data.read_movielens(folder, None)
+        ml1m.read_movielens(folder, None)
 
 
 def test_inconsistent_files(tmp_path):
     folder = write_ml(tmp_path / "ml", GOOD, users=["1::F::1::0::1"])
     with pytest.raises(ValueError, match=r"ratings\.dat:4: rates user 2, which is not in users\.dat"):
-        data.read_movielens(folder, None)
+        ml1m.read_movielens(folder, None)
     folder = write_ml(tmp_path / "ml2", GOOD, movies=["1::A (1990)::Drama", "2::B (1991)::Drama",
                                                        "2::C (1992)::Drama", "3::D (1993)::Drama"])
     with pytest.raises(ValueError, match=r"movies\.dat:3: MovieID 2 appears twice"):
-        data.read_movielens(folder, None)
+        ml1m.read_movielens(folder, None)
     (folder / "ratings.dat").write_text("\n")
     with pytest.raises(ValueError, match="empty"):
-        data.read_movielens(folder, None)
+        ml1m.read_movielens(folder, None)
 
 
+@pytest.mark.filterwarnings(CANONICAL_COUNTS)
 def test_count_warning_and_short_users(tmp_path):
     folder = write_ml(tmp_path / "ml-1m", GOOD + [(3, 1, 5), (3, 2, 6)])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ratings, users, movies = data.read_movielens(folder)
+        ratings, users, movies = ml1m.read_movielens(folder)
     assert len(caught) == 1 and "canonical MovieLens-1M has 1,000,209" in str(caught[0].message)
     assert ratings["user"].tolist() == [1, 1, 1, 2, 2, 2, 3, 3]
     with pytest.warns(UserWarning, match="dropping 1 users with fewer than 3"):
-        d = data._load_folder(folder, "test", None, n_eval_negatives=0)
+        d = load_ml(folder, n_eval_negatives=0)
     assert d.raw_user_ids.tolist() == [1, 2]
 
 
@@ -426,18 +615,18 @@ def test_missing_files_error(tmp_path, monkeypatch):
     write_ml(partial, GOOD)
     (partial / "movies.dat").unlink()
     with pytest.raises(FileNotFoundError) as err:
-        data.find_ml1m(partial, download=False)
+        ml1m.find(partial, download=False)
     msg = str(err.value)
     for needle in (str(partial), str(partial / "ml-1m"), str(tmp_path / "env" / "ml-1m"),
-                   str(Path("data") / "ml-1m"), "ratings.dat, users.dat and movies.dat", data.ML1M_URL):
+                   str(Path("data") / "ml-1m"), "ratings.dat, users.dat and movies.dat", ml1m.URL):
         assert needle in msg
     # found in each place of the search order
     write_ml(tmp_path / "data" / "ml-1m", GOOD)
-    assert data.find_ml1m(None, download=False) == Path("data") / "ml-1m"
+    assert ml1m.find(None, download=False) == Path("data") / "ml-1m"
     write_ml(tmp_path / "env" / "ml-1m", GOOD)
-    assert data.find_ml1m(None, download=False) == tmp_path / "env" / "ml-1m"
+    assert ml1m.find(None, download=False) == tmp_path / "env" / "ml-1m"
     write_ml(tmp_path / "parent" / "ml-1m", GOOD)
-    assert data.find_ml1m(tmp_path / "parent", download=False) == tmp_path / "parent" / "ml-1m"
+    assert ml1m.find(tmp_path / "parent", download=False) == tmp_path / "parent" / "ml-1m"
 
 
 class FakeResponse(io.BytesIO):
@@ -460,47 +649,53 @@ def fake_zip():
 def test_failing_download_leaves_nothing(tmp_path, monkeypatch):
     def offline(url, timeout=None):
         raise urllib.error.URLError("no network in this test")
-    monkeypatch.setattr(data, "_urlopen", offline)
+    monkeypatch.setattr(ml1m, "_urlopen", offline)
     cache = tmp_path / "cache"
     cache.mkdir()
     with pytest.raises(RuntimeError) as err:
-        data.find_ml1m(cache / "ml-1m")
-    assert data.ML1M_URL in str(err.value) and "no network" in str(err.value)
+        ml1m.find(cache / "ml-1m")
+    assert ml1m.URL in str(err.value) and "no network" in str(err.value)
     assert "ratings.dat, users.dat and movies.dat" in str(err.value)
     assert list(cache.iterdir()) == []
 
 
 def test_md5_mismatch_leaves_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "_urlopen", lambda url, timeout=None: FakeResponse(fake_zip()))
+    monkeypatch.setattr(ml1m, "_urlopen", lambda url, timeout=None: FakeResponse(fake_zip()))
     monkeypatch.setenv("PLANREC_DATA", str(tmp_path / "cache"))
     with pytest.raises(RuntimeError, match="MD5 mismatch") as err:
-        data.find_ml1m()
-    assert data.ML1M_URL in str(err.value) and str(tmp_path / "cache" / "ml-1m") in str(err.value)
+        ml1m.find()
+    assert ml1m.URL in str(err.value) and str(tmp_path / "cache" / "ml-1m") in str(err.value)
     assert list((tmp_path / "cache").iterdir()) == []
 
 
 def test_download_success_with_fake_archive(tmp_path, monkeypatch):
     payload = fake_zip()
-    monkeypatch.setattr(data, "_urlopen", lambda url, timeout=None: FakeResponse(payload))
-    monkeypatch.setattr(data, "ML1M_MD5", hashlib.md5(payload).hexdigest())
-    folder = data.find_ml1m()
-    assert folder == Path("data") / "ml-1m" and data._contains_ml1m(folder)
+    monkeypatch.setattr(ml1m, "_urlopen", lambda url, timeout=None: FakeResponse(payload))
+    monkeypatch.setattr(ml1m, "MD5", hashlib.md5(payload).hexdigest())
+    folder = ml1m.find()
+    assert folder == Path("data") / "ml-1m" and ml1m.contains_ml1m(folder)
     assert sorted(p.name for p in Path("data").iterdir()) == ["ml-1m"]  # no temp files left
-    ratings, _, _ = data.read_movielens(folder, None)
+    ratings, _, _ = ml1m.read_movielens(folder, None)
     assert ratings["item"].tolist() == [1, 2, 3]
+    # the one command on a fresh machine: find nothing, download, prepare, apply the protocol
+    shutil.rmtree("data")
+    with pytest.warns(UserWarning, match="canonical MovieLens-1M"):
+        d = data.load_dataset("ml-1m", n_eval_negatives=0)
+    assert (d.n_users, d.n_items, d.folder) == (1, 3, str(Path("data") / "ml-1m"))
+    assert (Path("data") / "ml-1m" / "prepared" / "meta.json").is_file()
 
 
 # --- synthetic world --------------------------------------------------------------------------
 
 def test_synthetic_world(tmp_path, small_world, world_data):
     d = world_data
-    assert d.n_users == 80 and d.item_attrs["genres"].shape[1] <= len(data.SYNTHETIC_CATEGORIES)
-    assert set(d.attr_vocab["genres"]) <= set(data.SYNTHETIC_CATEGORIES)
+    assert d.n_users == 80 and d.item_attrs["genres"].shape[1] <= len(synthetic.SYNTHETIC_CATEGORIES)
+    assert set(d.attr_vocab["genres"]) <= set(synthetic.SYNTHETIC_CATEGORIES)
     assert (d.item_attrs["year"][1:] >= 1940).all()
-    gt = data.load_ground_truth(small_world)
+    gt = synthetic.load_ground_truth(small_world)
     nodes = list(gt["nodes"])
     edges = {(nodes[a], nodes[b]) for a, b in zip(*np.nonzero(gt["adjacency"]))}
-    assert edges == set(data.SYNTHETIC_EDGES)
+    assert edges == set(synthetic.SYNTHETIC_EDGES)
     assert (gt["user_edge_mask"].sum(axis=1) == 3 - (gt["user_deviation"] >= 0)).all()
     assert 0 < (gt["user_deviation"] >= 0).sum() < 80
     assert (gt["user_power_test"] == gt["user_power"]).all()  # IID world
@@ -508,20 +703,20 @@ def test_synthetic_world(tmp_path, small_world, world_data):
     assert np.array_equal(d.user_attrs["gender"], gt["user_group"][d.raw_user_ids - 1])
     assert np.array_equal(d.user_attrs["age"], gt["user_age_band"][d.raw_user_ids - 1])
     # deterministic given the seed, different with another seed
-    data.make_synthetic(tmp_path / "same", n_users=80, n_items=160, mean_len=25, seed=3)
-    data.make_synthetic(tmp_path / "other", n_users=80, n_items=160, mean_len=25, seed=4)
-    for name in data.ML1M_FILES:
+    synthetic.make_synthetic(tmp_path / "same", n_users=80, n_items=160, mean_len=25, seed=3)
+    synthetic.make_synthetic(tmp_path / "other", n_users=80, n_items=160, mean_len=25, seed=4)
+    for name in ml1m.FILES:
         assert (tmp_path / "same" / name).read_bytes() == (small_world / name).read_bytes()
     assert (tmp_path / "other" / "ratings.dat").read_bytes() != (small_world / "ratings.dat").read_bytes()
 
 
 def test_synthetic_ood_shift(tmp_path, small_world, world_data):
-    ood = data.make_synthetic(tmp_path / "ood", n_users=80, n_items=160, mean_len=25, seed=3,
+    ood = synthetic.make_synthetic(tmp_path / "ood", n_users=80, n_items=160, mean_len=25, seed=3,
                               ood_shift=True)
-    gt = data.load_ground_truth(ood)
+    gt = synthetic.load_ground_truth(ood)
     assert (gt["user_power_test"] != gt["user_power"]).all()
-    assert np.array_equal(gt["user_power"], data.load_ground_truth(small_world)["user_power"])
-    d_ood, d_iid = data._load_folder(ood, "synthetic-ood", None), world_data
+    assert np.array_equal(gt["user_power"], synthetic.load_ground_truth(small_world)["user_power"])
+    d_ood, d_iid = data.load_dataset("synthetic-ood", root=ood), world_data
     # same world until the shift: identical sequences except each user's last (test) item
     assert np.array_equal(d_ood.user_offsets, d_iid.user_offsets)
     before_test = np.ones(len(d_iid.item_seq), dtype=bool)
@@ -535,7 +730,7 @@ def test_synthetic_ood_shift(tmp_path, small_world, world_data):
 def test_load_dataset(tmp_path):
     d = data.load_dataset("synthetic", n_users=30, n_items=150, mean_len=12, n_eval_negatives=20)
     assert d.name == "synthetic" and d.n_users == 30
-    assert data._contains_ml1m(Path("data") / "synthetic")
+    assert ml1m.contains_ml1m(Path("data") / "synthetic")
     assert (Path("data") / "synthetic" / "ground_truth.npz").is_file()
     again = data.load_dataset("synthetic", n_users=30, n_eval_negatives=20)  # existing world, matching setting
     assert np.array_equal(again.test_candidates, d.test_candidates)
@@ -549,16 +744,18 @@ def test_load_dataset(tmp_path):
 
 # --- the real data ----------------------------------------------------------------------------
 
-@pytest.mark.skipif(not data._contains_ml1m(SHARED_ML1M), reason=f"no ML-1M copy at {SHARED_ML1M}")
+@pytest.mark.skipif(not ml1m.contains_ml1m(SHARED_ML1M), reason=f"no ML-1M copy at {SHARED_ML1M}")
 def test_real_ml1m_canonical_counts(tmp_path, monkeypatch):
     monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the canonical copy must not trigger the count warning
-        d = data.load_movielens(SHARED_ML1M, download=False)
+        d = data.load_dataset("ml-1m", root=SHARED_ML1M, download=False)
     assert (len(d.item_seq), d.n_users, d.n_items) == (1_000_209, 6_040, 3_706)
     assert len(d.train_pos) == 1_000_209 - 3 * 6_040
     assert d.valid_candidates.shape == d.test_candidates.shape == (6_040, 101)
-    assert d.item_attrs["genres"].shape == (3_707, 18) and len(cache_files(tmp_path / "cache")) == 1
+    assert d.item_attrs["genres"].shape == (3_707, 18)
+    meta = json.loads((tmp_path / "cache" / "ml-1m" / "meta.json").read_text())
+    assert meta["counts"] == {"interactions": 1_000_209, "users": 6_040, "items": 3_706}
     assert not d.interacted(np.arange(d.n_users)[:, None], d.test_candidates[:, 1:]).any()
     assert set(np.unique(d.user_attrs["age"])) == set(range(7))
 
@@ -570,7 +767,7 @@ def write_amazon(folder, rows, line_end="\n", final_newline=True):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = line_end.join(f"{u},{i},{4.0},{t}" for u, i, t in rows) + (line_end if final_newline else "")
-    (folder / data.AMAZON_BOOK_FILE).write_bytes(text.encode())
+    (folder / amazon_book.FILE).write_bytes(text.encode())
     return folder
 
 
@@ -624,7 +821,7 @@ pair_sets = st.sets(st.tuples(st.integers(0, 7), st.integers(0, 7)), max_size=40
 def test_k_core_is_the_maximal_core(pairs, k):
     user = np.array([u for u, _ in pairs], dtype=np.int64)
     item = np.array([i for _, i in pairs], dtype=np.int64)
-    rows = data.k_core(user, item, k)
+    rows = common.k_core(user, item, k)
     kept = [pairs[r] for r in rows]
     assert rows.tolist() == sorted(set(rows.tolist()))  # ascending, file order kept
     assert is_k_core(kept, k)  # every remaining user and item has >= k interactions
@@ -641,7 +838,7 @@ def test_k_core_contains_every_core(pairs, k):
     # brute force over all subsets: every k-core lies inside the one k_core returns
     user = np.array([u for u, _ in pairs], dtype=np.int64)
     item = np.array([i for _, i in pairs], dtype=np.int64)
-    kept = {pairs[r] for r in data.k_core(user, item, k)}
+    kept = {pairs[r] for r in common.k_core(user, item, k)}
     for mask in range(1 << len(pairs)):
         subset = [p for b, p in enumerate(pairs) if mask >> b & 1]
         if is_k_core(subset, k):
@@ -656,7 +853,7 @@ def test_duplicate_pairs_keep_the_earliest(rows):
     for r, (u, i, t) in enumerate(rows):
         if (u, i) not in first or t < rows[first[(u, i)]][2]:  # ties: the earlier line stays
             first[(u, i)] = r
-    assert data.drop_duplicate_pairs(user, item, timestamp).tolist() == sorted(first.values())
+    assert common.drop_duplicate_pairs(user, item, timestamp).tolist() == sorted(first.values())
 
 
 def test_amazon_book_protocol_duplicates_and_core(tmp_path):
@@ -682,56 +879,43 @@ def test_amazon_book_protocol_duplicates_and_core(tmp_path):
     assert names(2) == ["X1", "X2", "X3"] and "X4" not in d.raw_item_ids
 
 
-def test_amazon_book_default_16_core_and_cache_key(tmp_path):
+def test_amazon_book_default_16_core_and_settings(tmp_path, monkeypatch):
     # 40 U users rate 16 books each, cyclically: every book has 16 ratings, an exact 16-core.
     # 10 V users rate 15 books each: out at k = 16, in at k = 15.
     rows = [(f"U{u:02d}", f"B{(u + j) % 40:02d}", 100 * u + j) for u in range(40) for j in range(16)]
     rows += [(f"V{u}", f"B{(3 * u + j) % 40:02d}", 10_000 + j) for u in range(10) for j in range(15)]
     folder = write_amazon(tmp_path / "ab", rows)
+    calls = count_calls(monkeypatch, amazon_book, "prepare")
     d = data.load_dataset("amazon-book", root=folder, n_eval_negatives=20)  # default k = 16
     assert (d.n_users, d.n_items, len(d.item_seq)) == (40, 40, 640)
     assert all(u.startswith("U") for u in d.raw_user_ids)
-    # the filter is part of the cache key: k = 15 gives another cache, with the V users
-    assert len(cache_files(folder)) == 1
+    data.load_dataset("amazon-book", root=folder, min_interactions=16, n_eval_negatives=5)
+    assert len(calls) == 1  # k = 16 prepared once
+    # the filter is a preparation setting: k = 15 prepares again, with the V users
     d15 = data.load_dataset("amazon-book", root=folder, min_interactions=15, n_eval_negatives=20)
-    assert len(cache_files(folder)) == 2 and (d15.n_users, len(d15.item_seq)) == (50, 790)
-    # and the content: one changed line rebuilds
+    assert len(calls) == 2 and (d15.n_users, len(d15.item_seq)) == (50, 790)
+    assert json.loads((folder / "prepared" / "meta.json").read_text())["settings"] == {"min_interactions": 15}
+    # and the source: one changed line prepares again
     write_amazon(folder, rows[:-1] + [(rows[-1][0], rows[-1][1], rows[-1][2] + 1)])
+    os.utime(folder / amazon_book.FILE, ns=(1, 1))  # the same size: the mtime tells
     data.load_dataset("amazon-book", root=folder, min_interactions=15, n_eval_negatives=20)
-    assert len(cache_files(folder)) == 3
+    assert len(calls) == 3
 
 
-def test_large_file_fingerprint(tmp_path, monkeypatch):
-    # Files above FULL_HASH_BYTES are keyed by size, mtime and sampled blocks, not the content.
-    monkeypatch.setattr(data, "FULL_HASH_BYTES", 1000)
-    path = tmp_path / "big.csv"
-    path.write_bytes(b"a" * 300_000)
-    os.utime(path, ns=(10**18, 10**18))
-    key = lambda: data._cache_key([path], {"k": 16})
-    first = key()
-    assert key() != data._cache_key([path], {"k": 15})
-    content = bytearray(path.read_bytes())
-    content[-1:] = b"b"  # the tail is always sampled
-    path.write_bytes(bytes(content))
-    os.utime(path, ns=(10**18, 10**18))
-    tail_edit = key()
-    assert tail_edit != first
-    os.utime(path, ns=(10**18 + 1, 10**18 + 1))  # a touch rebuilds: never stale
-    assert key() != tail_edit
-    assert data._cache_key([tmp_path / "absent.csv"], {}) != data._cache_key([path], {})
-
-
-def test_ml1m_cache_key_formula(tmp_path):
-    # The key is a hash of the file names and contents and the settings; protocol version 2 added
-    # each user's valid_pos / test_pos (the halves protocol), so version-1 caches are rebuilt once.
-    folder = write_ml(tmp_path / "ml", GOOD)
-    settings = {"name": "ml-1m", "seed": 0, "n_eval_negatives": 100, "history_len": 50}
-    h = hashlib.blake2b(digest_size=8)
-    for name in data.ML1M_FILES:
-        h.update(name.encode())
-        h.update((folder / name).read_bytes())
-    h.update(b'{"history_len": 50, "n_eval_negatives": 100, "name": "ml-1m", "protocol_version": 2, "seed": 0}')
-    assert data._cache_key([folder / f for f in data.ML1M_FILES], settings) == h.hexdigest()
+def test_csv_details(tmp_path):
+    # quoted fields are read as CSV; blank lines at the end are no data; '\r\n' line ends
+    rows = [("A,9", "X1", 1), ("A,9", "X2", 2), ("A,9", "X3", 3), ("B", "X1", 1), ("B", "X2", 2), ("B", "X3", 3)]
+    folder = tmp_path / "ab"
+    folder.mkdir()
+    text = "\r\n".join(f'"{u}",{i},4.0,{t}' if "," in u else f"{u},{i},4.0,{t}" for u, i, t in rows)
+    (folder / amazon_book.FILE).write_text(text + "\r\n\r\n\n")
+    d = data.load_dataset("amazon-book", root=folder, min_interactions=0, n_eval_negatives=0)
+    assert d.raw_user_ids.tolist() == ["A,9", "B"] and len(d.item_seq) == 6
+    # ids that look like numbers or NA stay text, verbatim
+    folder = write_log(tmp_path / "log", "user,item,timestamp", ["NA,007,1", "NA,null,2", "NA,7,3", "007,007,1"])
+    with pytest.warns(UserWarning, match="dropping 1 users with fewer than 3 .*e.g. user '007'"):
+        d = data.load_dataset("interactions", root=folder, n_eval_negatives=0)
+    assert d.raw_user_ids.tolist() == ["NA"] and d.raw_item_ids.tolist() == ["", "007", "7", "null"]
 
 
 def test_interactions_with_attributes(tmp_path):
@@ -781,13 +965,14 @@ def run_and_expect(folder, name, message, exception=ValueError, **kw):
     with pytest.raises(exception) as err:
         data.load_dataset(name, root=folder, n_eval_negatives=0, **kw)
     assert re.search(message, str(err.value)), str(err.value)
-    assert cache_files(folder) == [] and cache_files(Path("data") / "cache") == []  # nothing cached
+    assert nothing_prepared(folder)  # nothing is written from a failed read
 
 
 @pytest.mark.parametrize("bad_line, message", [
     ("A9,X9,4.0", r"ratings_Books\.csv:3: 'A9,X9,4\.0': expected 4 comma-separated fields "
                   r"user,item,rating,timestamp, found 3"),
-    ('"A,9",X9,4.0,12', r"ratings_Books\.csv:3: .*expected 4 .*\(quoted fields are not supported\), found 5"),
+    ("A9,X9,4.0,12,13", r"ratings_Books\.csv:3: 'A9,X9,4\.0,12,13': expected 4 comma-separated fields .*found 5"),
+    ('"A,9",X9,4.0,12,13', r"ratings_Books\.csv:3: .*expected 4 .*, found 5"),
     ("", r"ratings_Books\.csv:3: '': expected 4 .* found 1"),
     ("A9,X9,4.0,yesterday", r"ratings_Books\.csv:3: timestamp should be a number \(unix time\), found 'yesterday'"),
     ("A9,X9,4.0,", r"ratings_Books\.csv:3: timestamp should be a number .*found ''"),
@@ -796,9 +981,9 @@ def run_and_expect(folder, name, message, exception=ValueError, **kw):
 ])
 def test_amazon_book_malformed_line(tmp_path, bad_line, message):
     folder = write_amazon(tmp_path / "ab", dense_rows(3, 10, 4))
-    lines = (folder / data.AMAZON_BOOK_FILE).read_text().splitlines()
+    lines = (folder / amazon_book.FILE).read_text().splitlines()
     lines.insert(2, bad_line)
-    (folder / data.AMAZON_BOOK_FILE).write_text("\n".join(lines) + "\n")
+    (folder / amazon_book.FILE).write_text("\n".join(lines) + "\n")
     run_and_expect(folder, "amazon-book", message, min_interactions=0)
 
 
@@ -812,6 +997,9 @@ def test_log_errors(tmp_path):
     folder = write_log(tmp_path / "c", "user,item,timestamp", rows[:5] + ["U9,B1,2020-01-01"] + rows[5:])
     run_and_expect(folder, "interactions", r"interactions\.csv:7: timestamp should be a number \(unix time\), "
                                            r"found '2020-01-01'")
+    folder = write_log(tmp_path / "c2", "timestamp,note,item,user", [f"{t},x,{i},{u}" for u, i, t in dense_rows(3, 10, 4)]
+                       + ["inf,y,B1,U9"])
+    run_and_expect(folder, "interactions", r"interactions\.csv:14: timestamp should be a number .*found 'inf'")
     folder = write_log(tmp_path / "d", "user,item,timestamp", rows)
     run_and_expect(folder, "interactions", r"no interactions left of 12 lines after dropping repeated .* "
                                            r"5-core filter .*lower --min-interactions", min_interactions=5)
@@ -847,16 +1035,16 @@ def test_missing_log_says_what_where_and_how(tmp_path, monkeypatch):
     for needle in ("ratings_Books.csv was not found", str(tmp_path / "given"),
                    str(tmp_path / "given" / "amazon-book"), str(tmp_path / "env" / "amazon-book"),
                    str(Path("data") / "amazon-book"), '"ratings only" file for Books', "McAuley",
-                   data.AMAZON_BOOK_PAGE, f"Put it in {tmp_path / 'given'}/"):
+                   amazon_book.PAGE, f"Put it in {tmp_path / 'given'}/"):
         assert needle in msg
     with pytest.raises(FileNotFoundError, match=r"interactions\.csv was not found(.|\n)*header line naming "
                                                 r"at least user,item,timestamp(.|\n)*Put it in "):
         data.load_dataset("interactions")
     # found in $PLANREC_DATA/<name> and in ./data/<name>
     write_amazon(tmp_path / "env" / "amazon-book", dense_rows(3, 10, 4))
-    assert data.find_log("amazon-book") == tmp_path / "env" / "amazon-book"
+    assert amazon_book.find() == tmp_path / "env" / "amazon-book"
     write_log(Path("data") / "interactions", "user,item,timestamp", ["a,b,1"])
-    assert data.find_log("interactions") == Path("data") / "interactions"
+    assert interactions.find() == Path("data") / "interactions"
 
 
 TRAIN_TINY = ["--set", "n_factors=4", "--set", "n_user_factors=2", "--set", "factor_dim=4",
@@ -902,7 +1090,7 @@ def _drifting_and_consistent(folder):
 
 def test_halves_protocol_trains_on_the_first_half_and_tests_on_the_second(tmp_path):
     folder, seqs = _drifting_and_consistent(tmp_path / "ml")
-    d = data._load_folder(folder, "test", None, n_eval_negatives=2, protocol="halves")
+    d = load_quiet(folder, n_eval_negatives=2, protocol="halves")
     t = d.train_pos - d.user_offsets[d.train_user]
     assert sorted(t.tolist()) == [1] * 4 + [2] * 4         # first half (4 items): t = 1, 2 train
     assert (d.valid_pos - d.user_offsets[:-1]).tolist() == [3] * 4    # its last item validates
@@ -916,7 +1104,7 @@ def test_halves_protocol_trains_on_the_first_half_and_tests_on_the_second(tmp_pa
     assert (candidates[:, 1:] != candidates[:, :1]).all()
     # no second-half item is ever a training target, and popularity counts only the training part
     assert d.item_train_count.sum() == (t <= 2).sum() + 4    # t = 0 .. 2 of each user
-    leave_last = data._load_folder(folder, "test", None, n_eval_negatives=2)
+    leave_last = load_quiet(folder, n_eval_negatives=2)
     assert sorted((leave_last.train_pos - leave_last.user_offsets[leave_last.train_user]).tolist()) == \
         sorted(list(range(1, 6)) * 4) and len(leave_last.train_pos) > len(d.train_pos)
     np.testing.assert_array_equal(leave_last.test_candidates[:, 0], d.test_candidates[:, 0])
@@ -924,7 +1112,7 @@ def test_halves_protocol_trains_on_the_first_half_and_tests_on_the_second(tmp_pa
 
 def test_user_groups_split_by_interest_consistency(tmp_path):
     folder, _ = _drifting_and_consistent(tmp_path / "ml")
-    groups = {g: data._load_folder(folder, "test", None, n_eval_negatives=1, protocol="halves", users=g)
+    groups = {g: load_quiet(folder, n_eval_negatives=1, protocol="halves", users=g)
               for g in data.USER_GROUPS}
     assert sorted(groups["all"].raw_user_ids.tolist()) == [1, 2, 3, 4]
     assert sorted(groups["iid"].raw_user_ids.tolist()) == [1, 3]     # consistency 1 >= the mean 0.5
@@ -933,16 +1121,17 @@ def test_user_groups_split_by_interest_consistency(tmp_path):
     assert groups["ood"].item_attrs["genres"].shape[0] == 11
 
 
+@pytest.mark.filterwarnings(CANONICAL_COUNTS)
 def test_halves_protocol_errors(tmp_path):
     folder, _ = _drifting_and_consistent(tmp_path / "ml")
     with pytest.raises(ValueError, match="unknown protocol 'thirds'"):
-        data._load_folder(folder, "test", None, protocol="thirds")
+        load_quiet(folder, protocol="thirds")
     with pytest.raises(ValueError, match="unknown user group 'young'"):
-        data._load_folder(folder, "test", None, users="young")
+        load_quiet(folder, users="young")
     short = write_ml(tmp_path / "short", [(1, i, i) for i in range(1, 6)] + [(2, i, i) for i in range(1, 9)]
                      + [(4, i, i) for i in range(9, 15)])
     with pytest.warns(UserWarning, match="dropping 1 users with fewer than 6"):
-        d = data._load_folder(short, "test", None, n_eval_negatives=2, protocol="halves")
+        d = load_ml(short, n_eval_negatives=2, protocol="halves")
     assert d.raw_user_ids.tolist() == [2, 4]
     with pytest.raises(ValueError, match="need item genres"):
         data.load_dataset("interactions", root=tmp_path, protocol="halves")

@@ -1,0 +1,182 @@
+"""
+A synthetic world with known latent structure (paper §3.3.2 uses one for the OOD study): written
+in ML-1M's format with its ground truth (ground_truth.npz) beside it, then prepared like ML-1M.
+
+  python -m datasets.synthetic [--data-dir DIR] [--ood] [--rebuild]
+
+`load` generates the world first when its folder holds none (default ./data/<name>).
+"""
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from datasets import common, ml1m
+from datasets.ml1m import AGE_CODES as ML1M_AGE_CODES, GENDERS
+
+SYNTHETIC_NODES = ("user.group", "user.age", "user.power", "user.occupation",
+                   "item.category", "item.price", "item.era")
+# The shared DAG: which user attribute drives preferences over which item attribute.
+# user.occupation has no edge on purpose: a distractor a structure learner should leave alone.
+SYNTHETIC_EDGES = (("user.group", "item.category"), ("user.power", "item.price"),
+                   ("user.age", "item.era"))
+SYNTHETIC_CATEGORIES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")
+SYNTHETIC_ERAS = (1960, 1980)  # era 0: before 1960, 1: 1960-1979, 2: 1980 and later
+
+
+def make_synthetic(folder, n_users=1000, n_items=500, mean_len=40, seed=0, deviating_share=0.2,
+                   ood_shift=False, n_shifted=1, edge_weights=(1.5, 1.5, 1.0), popularity_weight=1.0,
+                   sequence_weight=1.0):
+    """Write a synthetic world in ML-1M format (ratings.dat, users.dat, movies.dat) and its
+    ground truth (ground_truth.npz: DAG, attributes, each user's deviations) into folder.
+
+    Users: group (-> users.dat gender), age band (-> age), purchasing power 0..2 (latent, not
+    in users.dat: a private factor), occupation (distractor). Items: category (-> genres), price
+    level 0..2 (latent), year (-> title) and its era. A user's taste for an item is the sum over
+    the DAG's edges, each weighted by edge_weights: group-specific category affinity, closeness
+    of price to power, closeness of era to the age band's favourite era; plus item popularity
+    and a bonus for staying in the previous item's category (so the history matters). A
+    deviating_share of users drops one edge at random (e.g. ignores price, like the paper's
+    wealthy user). Each user's sequence is drawn item by item without repeats (Gumbel-max).
+    ood_shift=True: the last n_shifted interactions (the test target with the default 1) are
+    drawn under a changed purchasing power. All other draws are identical between the IID and
+    the OOD world of one seed, so they differ only in those last interactions.
+    Deterministic given seed."""
+    folder = Path(folder)
+    lengths_floor = 10  # our choice: every user has some training history
+    if n_items < 120 or mean_len < lengths_floor or n_users < 1 or not 0 <= deviating_share <= 1:
+        raise ValueError(f"need n_items >= 120 (100 evaluation negatives), mean_len >= "
+                         f"{lengths_floor}, n_users >= 1, 0 <= deviating_share <= 1")
+    rng = np.random.default_rng(seed)
+    n_edges, n_cat = len(SYNTHETIC_EDGES), len(SYNTHETIC_CATEGORIES)
+
+    group = rng.integers(0, 2, n_users)
+    age = rng.integers(0, len(ML1M_AGE_CODES), n_users)
+    power = rng.integers(0, 3, n_users)
+    occupation = rng.integers(0, 21, n_users)
+    power_shift = (power + rng.integers(1, 3, n_users)) % 3  # always a different level
+    power_test = power_shift if ood_shift else power
+    deviating = rng.random(n_users) < deviating_share
+    dropped = rng.integers(0, n_edges, n_users)
+    user_deviation = np.where(deviating, dropped, -1)  # index of the ignored edge, -1 = none
+    edge_mask = np.ones((n_users, n_edges), dtype=bool)
+    edge_mask[deviating, dropped[deviating]] = False
+
+    category = rng.integers(0, n_cat, n_items)
+    price = rng.integers(0, 3, n_items)
+    year = rng.integers(1940, 2001, n_items)
+    era = np.digitize(year, SYNTHETIC_ERAS)
+    log_popularity = rng.normal(0.0, 1.0, n_items)
+    category_affinity = rng.normal(0.0, 1.0, (2, n_cat))  # per group
+    favourite_era = np.round((len(ML1M_AGE_CODES) - 1 - age) * 2 / (len(ML1M_AGE_CODES) - 1))
+
+    def taste(user_power):
+        w = np.asarray(edge_weights, dtype=np.float64) * edge_mask  # [n_users, n_edges]
+        return (w[:, :1] * category_affinity[group][:, category]
+                - w[:, 1:2] * np.abs(price[None, :] - user_power[:, None])
+                - w[:, 2:3] * np.abs(era[None, :] - favourite_era[:, None])
+                + popularity_weight * log_popularity[None, :])
+
+    lengths = np.minimum(lengths_floor + rng.poisson(mean_len - lengths_floor, n_users),
+                         n_items - 101)
+    max_len = int(lengths.max())
+    taste_train, taste_test = taste(power), taste(power_test)
+    chosen = np.zeros((n_users, max_len), dtype=np.int64)
+    taken = np.zeros((n_users, n_items), dtype=bool)
+    previous_category = np.full(n_users, -1)
+    rows = np.arange(n_users)
+    for t in range(max_len):  # a loop over steps, vectorized over users and items
+        shifted = t >= lengths - n_shifted
+        logits = np.where(shifted[:, None], taste_test, taste_train)
+        logits = logits + sequence_weight * (category[None, :] == previous_category[:, None])
+        logits[taken] = -np.inf
+        pick = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
+        chosen[:, t], taken[rows, pick] = pick, True
+        previous_category = category[pick]
+
+    start = 946_684_800 + rng.integers(0, 90 * 86_400, n_users)  # from 2000-01-01
+    timestamps = start[:, None] + np.cumsum(rng.integers(60, 3 * 86_400, (n_users, max_len)), axis=1)
+    rating = rng.integers(1, 6, (n_users, max_len))  # ignored by the protocol (implicit feedback)
+    # Write each user's lines in a shuffled order, so readers must sort by timestamp.
+    file_order = rng.permuted(np.tile(np.arange(max_len), (n_users, 1)), axis=1)
+
+    ratings_lines = []
+    for u in range(n_users):
+        for t in file_order[u][file_order[u] < lengths[u]]:
+            ratings_lines.append(f"{u + 1}::{chosen[u, t] + 1}::{rating[u, t]}::{timestamps[u, t]}")
+    users_lines = [f"{u + 1}::{GENDERS[group[u]]}::{ML1M_AGE_CODES[age[u]]}::{occupation[u]}::00000"
+                   for u in range(n_users)]
+    movies_lines = [f"{i + 1}::Item {i + 1} ({year[i]})::{SYNTHETIC_CATEGORIES[category[i]]}"
+                    for i in range(n_items)]
+    adjacency = np.zeros((len(SYNTHETIC_NODES), len(SYNTHETIC_NODES)), dtype=np.int8)
+    for a, b in SYNTHETIC_EDGES:
+        adjacency[SYNTHETIC_NODES.index(a), SYNTHETIC_NODES.index(b)] = 1
+    params = {"n_users": n_users, "n_items": n_items, "mean_len": mean_len, "seed": seed,
+              "deviating_share": deviating_share, "ood_shift": ood_shift, "n_shifted": n_shifted,
+              "edge_weights": list(edge_weights), "popularity_weight": popularity_weight,
+              "sequence_weight": sequence_weight}
+
+    # Write everything into a temporary folder, then move it into place: no half-written world.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".synthetic-", dir=folder.parent))
+    try:
+        for name, lines in (("ratings.dat", ratings_lines), ("users.dat", users_lines),
+                            ("movies.dat", movies_lines)):
+            (tmp / name).write_text("\n".join(lines) + "\n", encoding="latin-1")
+        # Arrays are indexed by raw id - 1 (UserID u -> [u - 1]); align with RecData through
+        # raw_user_ids / raw_item_ids.
+        np.savez(tmp / "ground_truth.npz",
+                 nodes=np.array(SYNTHETIC_NODES), adjacency=adjacency,
+                 edges=np.array(SYNTHETIC_EDGES), category_names=np.array(SYNTHETIC_CATEGORIES),
+                 user_id=np.arange(1, n_users + 1), user_group=group, user_age_band=age,
+                 user_power=power, user_power_test=power_test, user_occupation=occupation,
+                 user_edge_mask=edge_mask, user_deviation=user_deviation, user_length=lengths,
+                 item_id=np.arange(1, n_items + 1), item_category=category, item_price=price,
+                 item_year=year, item_era=era, item_log_popularity=log_popularity,
+                 category_affinity=category_affinity, favourite_era=favourite_era,
+                 params=np.array(json.dumps(params)))
+        common.move_into_place(tmp, folder, last=("ground_truth.npz",) + ml1m.FILES)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def load_ground_truth(folder):
+    """The synthetic world's ground truth as a dict of arrays (params is a JSON string)."""
+    with np.load(Path(folder) / "ground_truth.npz", allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def load(name="synthetic", root=None, rebuild=False, download=None, min_interactions=None, **world):
+    """(prepared arrays, folder) of the synthetic world `name` ('synthetic' or 'synthetic-ood',
+    which sets ood_shift) in root (default ./data/<name>), generated first if the folder holds
+    none. world: make_synthetic's keyword arguments, world_seed for its seed; a folder holding
+    a world made with other values of them is an error. download is ignored (nothing to get)."""
+    if min_interactions not in (0, None):
+        raise ValueError(f"--min-interactions (min_interactions) applies to amazon-book and "
+                         f"interactions; {name} is used as it is (every user keeps all ratings)")
+    folder = Path(root).expanduser() if root is not None else Path("data") / name
+    requested = json.loads(json.dumps({"ood_shift": name == "synthetic-ood", **world}))
+    if "world_seed" in requested:
+        requested["seed"] = requested.pop("world_seed")
+    if not (ml1m.contains_ml1m(folder) and (folder / "ground_truth.npz").is_file()):
+        make_synthetic(folder, **requested)
+    else:
+        made_with = json.loads(str(load_ground_truth(folder)["params"]))
+        differing = {k: (made_with.get(k), v) for k, v in requested.items() if made_with.get(k) != v}
+        if differing:
+            raise ValueError(f"{folder} holds a synthetic world made with other settings "
+                             f"(setting: (stored, requested)) {differing}; delete the folder "
+                             f"or choose another --data-dir")
+    arrays = common.load_prepared(name, folder, [folder / f for f in ml1m.FILES], {},
+                                  lambda: ml1m.prepare(folder, expected_counts=None), rebuild)
+    return arrays, folder
+
+
+if __name__ == "__main__":
+    name = lambda args: "synthetic-ood" if args.ood else "synthetic"
+    common.main(__doc__, lambda args: (name(args), load(name(args), args.data_dir, args.rebuild)[0]),
+                **{"--ood": {"action": "store_true", "help": "the OOD world (default ./data/synthetic-ood)"}})
