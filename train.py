@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 import data as datalib
 import planrec
-from planrec import OUR_CHOICES, PAPER_SETTINGS, PRESETS, Config, PlanRec, personalized_scm as eager_personalized_scm
+from analysis import attributes as attributes_lib, diagnostics
+from planrec import OUR_CHOICES, PAPER_SETTINGS, PRESETS, Config, PlanRec
 
 PAPER_ML1M = {"auc": 0.8545, "recall@5": 0.3998, "recall@10": 0.5625, "ndcg@5": 0.3136, "ndcg@10": 0.3928}
 METRICS = ("auc", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
@@ -160,7 +161,7 @@ def model_config(args, data):
     if args.attribute_prior != "none":
         n_user_factors = kw.get("n_user_factors", Config.n_user_factors)
         n_item_factors = kw.get("n_factors", Config.n_factors) - n_user_factors
-        kw["tied_attributes"] = tied_attributes(data, args.attribute_prior, args.tie_private,
+        kw["tied_attributes"] = attributes_lib.tied_attributes(data, args.attribute_prior, args.tie_private,
                                                 n_user_factors, n_item_factors)
     try:
         return Config(**kw)
@@ -184,119 +185,27 @@ def pick_device(name):
     return torch.device(name)
 
 
-def pick_scm(kernel, device):
-    """The personalized SCM implementation: both share planrec.personalized_scm's signature."""
-    if kernel == "eager" or (kernel == "auto" and device.type != "cuda"):
-        return eager_personalized_scm, "eager"
+def pick_kernels(kernel, device):
+    """({'scm_fn': ..., 'factor_mlps_fn': ...} for PlanRec, a name): the implementations of the
+    personalized SCM solves and of g, each with the signature of its spec in planrec.py.
+    auto: the CPU-tuned g of kernels/ everywhere, the fused Triton solves on CUDA; eager: the
+    specs; triton: the Triton solves (on CUDA, or on the CPU under TRITON_INTERPRET=1)."""
+    if kernel == "eager":
+        return {"scm_fn": planrec.personalized_scm, "factor_mlps_fn": planrec.factor_mlps}, "eager"
+    from kernels.factor_mlps import factor_mlps
+    chosen = {"scm_fn": planrec.personalized_scm, "factor_mlps_fn": factor_mlps}
+    if kernel == "auto" and device.type != "cuda":
+        return chosen, "eager solves, tuned g"
     try:
         from kernels import personalized_scm as fused_personalized_scm
     except ImportError as err:
         if kernel == "auto":
-            return eager_personalized_scm, "eager"
+            return chosen, "eager solves, tuned g"
         sys.exit(f"error: --kernel triton is not available ({err}); use --kernel eager")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         sys.exit("error: --kernel triton needs a CUDA device (or TRITON_INTERPRET=1 for the slow interpreter); "
                  "use --kernel eager on CPU")
-    return fused_personalized_scm, "triton"
-
-
-# ------------------------------------------------------------------------------------------------
-# Attributes for the disentanglement prior (section 2.3, Table 5)
-# ------------------------------------------------------------------------------------------------
-
-# Integer attributes are unordered classes, except these of ML-1M and the synthetic world, whose
-# codes are ordered bands: they are regressed on (the paper: "regression for attributes with
-# ordered values"). Our choice of which. A generic log's text columns are always classes.
-ORDERED_ATTRIBUTES = {"ml-1m": ("age",), "synthetic": ("age", "power", "price"),
-                      "synthetic-ood": ("age", "power", "price")}
-
-
-def attribute_tables(data, tie_private=False):
-    """{'user.name': [n_users(, K)] array, 'item.name': [n_items + 1(, K)] array} of what the data
-    knows; with tie_private, the synthetic world's latent purchasing power and price levels too."""
-    tables = {f"user.{k}": np.asarray(v) for k, v in data.user_attrs.items()}
-    tables.update({f"item.{k}": np.asarray(v) for k, v in data.item_attrs.items()})
-    if tie_private:
-        truth = datalib.load_ground_truth(data.folder)
-        tables["user.power"] = truth["user_power"][data.raw_user_ids - 1]
-        price = np.zeros(data.n_items + 1, dtype=np.int64)
-        price[1:] = truth["item_price"][data.raw_item_ids[1:] - 1]
-        tables["item.price"] = price
-    return tables
-
-
-def attribute_kind(name, table, dataset):
-    """('class' | 'multilabel' | 'regression', size) of one attribute table of a dataset."""
-    if table.ndim == 2:
-        return "multilabel", table.shape[1]
-    ordered = ORDERED_ATTRIBUTES.get(dataset, ())
-    if np.issubdtype(table.dtype, np.integer) and name.split(".", 1)[1] not in ordered:
-        return "class", int(table.max()) + 1
-    return "regression", 1
-
-
-def tied_attributes(data, prior, tie_private, n_user_factors, n_item_factors):
-    """Config.tied_attributes for --attribute-prior: every attribute of the chosen sides, in the
-    data's order, while the side has factors left."""
-    tables = attribute_tables(data, tie_private)
-    specs = []
-    for side, room in (("user", n_user_factors), ("item", n_item_factors)):
-        if prior not in (side, "both"):
-            continue
-        names = [name for name in tables if name.startswith(side + ".")]
-        if not names:
-            sys.exit(f"error: --attribute-prior {prior}: the {data.name} data has no {side} attributes")
-        if len(names) > room:
-            print(f"note: {len(names)} {side} attributes but {room} {side}-side factors: tying {names[:room]}")
-        specs += [f"{name}:{kind}:{size}" for name in names[:room] for kind, size in [attribute_kind(name, tables[name], data.name)]]
-    return tuple(specs)
-
-
-class AttributeTargets:
-    """The targets of the tied attributes for a batch: user attributes per row, item attributes
-    per candidate; regression targets standardized with the table's mean and standard deviation
-    (items without the padding row)."""
-
-    def __init__(self, data, cfg, device, tie_private=False):
-        tables = attribute_tables(data, tie_private)
-        self.tables, self.scale = {}, {}
-        for spec in cfg.tied_attributes:
-            side, name, kind, _ = planrec.parse_attribute(spec)
-            key = f"{side}.{name}"
-            table = tables[key].astype(np.float32 if kind != "class" else np.int64)
-            if kind == "regression":
-                values = table[1:] if side == "item" else table
-                mean, std = float(values.mean()), float(values.std()) or 1.0
-                table = (table - mean) / std
-                self.scale[key] = (mean, std)
-            self.tables[key] = torch.as_tensor(table, device=device)
-
-    def __call__(self, user, items):
-        return {key: table[user] if key.startswith("user.") else table[items] for key, table in self.tables.items()}
-
-
-def attribute_metrics(cfg, predictions, targets, scale):
-    """Per tied attribute on one split: accuracy (classes; with the majority-class rate beside it),
-    per-label accuracy (multi-label), RMSE in the attribute's own units (regression; with the
-    RMSE of predicting the mean beside it). predictions/targets: {'side.name': [n, ...] arrays}."""
-    metrics = {}
-    for spec in cfg.tied_attributes:
-        side, name, kind, _ = planrec.parse_attribute(spec)
-        key = f"{side}.{name}"
-        pred, target = predictions[key], targets[key]
-        if kind == "class":
-            target = target.astype(np.int64)
-            counts = np.bincount(target.reshape(-1))
-            metrics[key] = {"accuracy": float((pred.argmax(-1) == target).mean()),
-                            "majority_rate": float(counts.max() / counts.sum())}
-        elif kind == "multilabel":
-            metrics[key] = {"label_accuracy": float(((pred > 0) == (target > 0.5)).mean()),
-                            "all_zero_accuracy": float((target < 0.5).mean())}
-        else:
-            std = scale[key][1]
-            metrics[key] = {"rmse": float(np.sqrt(((pred[..., 0] - target) ** 2).mean()) * std),
-                            "baseline_rmse": float(np.sqrt(((target - target.mean()) ** 2).mean()) * std)}
-    return metrics
+    return {**chosen, "scm_fn": fused_personalized_scm}, "triton"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,139 +213,32 @@ def attribute_metrics(cfg, predictions, targets, scale):
 # ------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def run_split(model, data, split, device, seed=0, attributes=None, users_per_batch=64):
-    """One pass over every user's evaluation candidates (column 0 is the positive). Returns numpy
-    arrays: 'scores' [U, 101]; with the personalized branch 'uncertainty' [U, 101],
-    'distinct_masks' [U], 'mask_on_shared_support' [U], 'mask_logits_A' [U, N, N],
-    'mask_logits_e' [U, N]; with tied attributes 'attribute.<side.name>' predictions and
-    'target.<side.name>' (user attributes per candidate, so both are [U, 101, ...]).
-
-    The personalized masks are sampled from a fixed seed so that evaluation is repeatable."""
+def run_split(model, data, split, device, seed=0, extras=None, users_per_batch=64):
+    """One pass over every user's evaluation candidates (column 0 is the positive): numpy arrays,
+    'scores' [U, 101] and whatever extras(out, user, items) returns per batch (the analyses'
+    statistics, analysis.diagnostics.SplitExtras). The personalized masks are sampled from a fixed
+    seed so that evaluation is repeatable."""
     users, history, candidates = data.eval_split(split)
     model.eval()
     parts = {}
-    support = None
-    if model.cfg.structure == "personalized":
-        # the K_A entries of the shared A with the largest magnitude (among the allowed ones)
-        magnitude = model.shared_A().abs().flatten()
-        support = torch.zeros_like(magnitude).scatter_(0, magnitude.topk(model.k_A).indices, 1.0).view_as(model.shared_A())
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for start in range(0, len(users), users_per_batch):
             sl = slice(start, start + users_per_batch)
             user, items = torch.as_tensor(users[sl], device=device), torch.as_tensor(candidates[sl], device=device)
             out = model(user, torch.as_tensor(history[sl], device=device), items)
-            batch = {"scores": out["y"]}
-            if support is not None:
-                mask_A, mask_e = out["mask_A"], out["mask_e"]
-                batch["uncertainty"] = out["uncertainty"]
-                batch["distinct_masks"] = distinct_masks(mask_A, mask_e)
-                batch["mask_on_shared_support"] = (mask_A * support).sum((1, 2, 3)) / mask_A.sum((1, 2, 3))
-                batch["mask_logits_A"], batch["mask_logits_e"] = out["mask_logits_A"], out["mask_logits_e"]
-            if attributes is not None:
-                targets = attributes(user, items)
-                for key, prediction in out["attribute_predictions"].items():
-                    batch[f"attribute.{key}"] = prediction
-                    target = targets[key]
-                    if key.startswith("user."):
-                        target = target[:, None].expand(items.shape + target.shape[1:])
-                    batch[f"target.{key}"] = target
+            batch = {"scores": out["y"], **(extras(out, user, items) if extras else {})}
             for name, value in batch.items():
                 parts.setdefault(name, []).append(value.float().cpu().numpy())
     return {name: np.concatenate(values) for name, values in parts.items()}
 
 
-def distinct_masks(mask_A, mask_e):
-    """[B]: how many distinct (M_A, M_e) pairs there are among each row's N_m samples."""
-    masks = torch.cat([mask_A.flatten(2), mask_e], -1) > 0.5               # [B, S, N*N + N]
-    same = (masks[:, :, None] == masks[:, None, :]).all(-1)                 # [B, S, S]
-    earlier = torch.ones_like(same[0]).tril(-1)                             # s' < s
-    return (~(same & earlier).any(-1)).sum(-1).float()                     # first occurrences
-
-
-def personalization_summary(model, result):
-    """What the personalized branch does on one split (issue: "say what it does")."""
-    uncertainty = result["uncertainty"]
-    A = model.shared_A().detach()
-    alpha = model.cfg.dag_alpha or None
-    return {
-        "uncertainty_mean": float(uncertainty.mean()),
-        "uncertainty_p10": float(np.percentile(uncertainty, 10)),
-        "uncertainty_p50": float(np.percentile(uncertainty, 50)),
-        "uncertainty_p90": float(np.percentile(uncertainty, 90)),
-        "personal_weight_mean": float(1.0 - uncertainty.mean()),   # the weight of mean(Y*) in Eq. (17)
-        "distinct_masks_mean": float(result["distinct_masks"].mean()),
-        "mask_on_shared_support": float(result["mask_on_shared_support"].mean()),
-        "dag": float(planrec.dag_penalty(A, alpha)),
-        "acyclic": planrec.is_acyclic(A),
-        "acyclic_threshold": planrec.EDGE_THRESHOLD,
-    }
-
-
 def evaluate(model, data, split, device, seed=0, attributes=None):
-    return summarize_split(model, run_split(model, data, split, device, seed, attributes), attributes)
-
-
-def summarize_split(model, result, attributes=None):
-    """The metrics of one run_split result: ranking metrics, personalization, attributes."""
-    metrics = datalib.ranking_metrics(result["scores"])
-    if "uncertainty" in result:
-        metrics["personalization"] = personalization_summary(model, result)
-    if attributes is not None:
-        keys = [k[len("attribute."):] for k in result if k.startswith("attribute.")]
-        metrics["attributes"] = attribute_metrics(model.cfg, {k: result[f"attribute.{k}"] for k in keys},
-                                                  {k: result[f"target.{k}"] for k in keys}, attributes.scale)
-    return metrics
-
-
-def short_personalization(p):
-    return (f"uncertainty {p['uncertainty_mean']:.2f} (p10 {p['uncertainty_p10']:.2f}, p90 {p['uncertainty_p90']:.2f}), "
-            f"{p['distinct_masks_mean']:.1f} distinct masks, {100 * p['mask_on_shared_support']:.0f}% on shared support, "
-            f"L_dag {p['dag']:.3g}{' acyclic' if p['acyclic'] else ' cyclic'}")
-
-
-# ------------------------------------------------------------------------------------------------
-# Export of the learned structures
-# ------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def export_structures(model, data, device, out_dir, seed=0, draws=256, users_per_batch=256):
-    """Write out_dir/structures.npz: what a reader needs to look at the learned structures.
-
-    shared_A [N, N]          the A the model uses (zero diagonal; A[i, j] = effect of factor i on j)
-    factor_names [N]         tied factors by attribute, the others user_k / item_k
-    user_ids [U]             the dataset's own user ids
-    keep_prob_A [U, N, N]    how often each dependency is kept, over `draws` draws of Eq. (12) from
-    keep_prob_e [U, N]       the user's mask logits (rows sum to K_A and K_e). The paper's "masking
-                             probability" (Fig. 4) is 1 - keep_prob (see PlanRec.mask_logits).
-    mask_logits_A, mask_logits_e   Eq. (11)'s output for the user's test history
-    uncertainty [U]          sigma(Var / beta) averaged over the user's test candidates
-    activeness [U]           the user's training interactions
-    """
-    cfg = model.cfg
-    arrays = {"factor_names": np.array(planrec.factor_names(cfg)), "user_ids": data.raw_user_ids,
-              "activeness": np.bincount(data.train_user, minlength=data.n_users)}
-    if cfg.structure == "none":
-        sys.exit("error: --export: a VAE base (structure none) has no structure to export")
-    arrays["shared_A"] = model.shared_A().detach().cpu().numpy()
-    if cfg.structure == "personalized":
-        result = run_split(model, data, "test", device, seed)
-        logits_A, logits_e = (torch.as_tensor(result[k], device=device) for k in ("mask_logits_A", "mask_logits_e"))
-        keep_A, keep_e = [], []
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            for start in range(0, len(logits_e), users_per_batch):
-                sl = slice(start, start + users_per_batch)
-                mask_A, mask_e = planrec.sample_masks(logits_A[sl], logits_e[sl], draws, model.k_A, cfg.k_e, cfg.tau)
-                keep_A.append(mask_A.mean(1).cpu().numpy())
-                keep_e.append(mask_e.mean(1).cpu().numpy())
-        arrays.update(keep_prob_A=np.concatenate(keep_A), keep_prob_e=np.concatenate(keep_e),
-                      mask_logits_A=result["mask_logits_A"], mask_logits_e=result["mask_logits_e"],
-                      uncertainty=result["uncertainty"].mean(1))
-    path = Path(out_dir) / "structures.npz"
-    write_npz(path, arrays)
-    print(f"wrote {path}: " + ", ".join(f"{k} {list(np.shape(v))}" for k, v in arrays.items()))
-    return path
+    """(metrics, run_split's arrays): the ranking metrics, and the personalization and attribute
+    statistics where the model has them."""
+    extras = diagnostics.SplitExtras(model, attributes)
+    result = run_split(model, data, split, device, seed, extras)
+    return {**datalib.ranking_metrics(result["scores"]), **extras.summary(result)}, result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -554,8 +356,8 @@ def load_data(name, root, options):
         sys.exit(f"error: {err}")
 
 
-def load_model(cfg, state, scm_fn, device, source):
-    model = PlanRec(cfg, scm_fn=scm_fn).to(device)
+def load_model(cfg, state, kernels, device, source):
+    model = PlanRec(cfg, **kernels).to(device)
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -565,7 +367,7 @@ def load_model(cfg, state, scm_fn, device, source):
     return model
 
 
-def load_trained(checkpoint, data_dir, scm_fn, device):
+def load_trained(checkpoint, data_dir, kernels, device):
     """A checkpoint with its data, model and attribute targets: (model, data, ckpt, attributes)."""
     ckpt = load_checkpoint(checkpoint)
     data = load_data(ckpt["data"], data_dir, ckpt.get("data_options", {}))
@@ -573,8 +375,8 @@ def load_trained(checkpoint, data_dir, scm_fn, device):
         cfg = Config(**ckpt["config"])
     except (TypeError, ValueError) as err:
         sys.exit(f"error: {checkpoint}: its config is not one this planrec.py knows ({err})")
-    model = load_model(cfg, ckpt["model"], scm_fn, device, checkpoint)
-    attributes = AttributeTargets(data, cfg, device, ckpt.get("tie_private", False)) if cfg.tied_attributes else None
+    model = load_model(cfg, ckpt["model"], kernels, device, checkpoint)
+    attributes = attributes_lib.AttributeTargets(data, cfg, device, ckpt.get("tie_private", False)) if cfg.tied_attributes else None
     return model, data, ckpt, attributes
 
 
@@ -612,24 +414,24 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    scm_fn, kernel_name = pick_scm(args.kernel, device)
+    kernels, kernel_name = pick_kernels(args.kernel, device)
     out_dir = Path(args.out)
 
     if args.eval_only:
-        model, data, ckpt, attributes = load_trained(args.checkpoint, args.data_dir, scm_fn, device)
-        results = {split: evaluate(model, data, split, device, ckpt["seed"], attributes) for split in ("valid", "test")}
+        model, data, ckpt, attributes = load_trained(args.checkpoint, args.data_dir, kernels, device)
+        results = {split: evaluate(model, data, split, device, ckpt["seed"], attributes)[0] for split in ("valid", "test")}
         print(format_table([("valid", results["valid"]), ("test", results["test"])]))
         print(json.dumps(results))
         if args.export:
-            export_structures(model, data, device, args.export, seed=ckpt["seed"])
+            diagnostics.export_structures(model, data, device, args.export, seed=ckpt["seed"])
         return results
 
     data = load_data(args.data, args.data_dir, data_options(args))
     cfg = model_config(args, data)
     torch.manual_seed(args.seed)
     np_rng = np.random.default_rng(args.seed)
-    model = PlanRec(cfg, scm_fn=scm_fn).to(device)
-    attributes = AttributeTargets(data, cfg, device, args.tie_private) if cfg.tied_attributes else None
+    model = PlanRec(cfg, **kernels).to(device)
+    attributes = attributes_lib.AttributeTargets(data, cfg, device, args.tie_private) if cfg.tied_attributes else None
     optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
     history, best, start_epoch, bad_epochs = [], None, 1, 0
 
@@ -641,7 +443,7 @@ def main(argv=None):
         if ckpt["config"] != cfg.to_dict():
             sys.exit(f"error: --resume: the flags give a different model than the run in {out_dir}; "
                      "resume with the run's original flags")
-        model = load_model(cfg, ckpt["model"], scm_fn, device, last_path)
+        model = load_model(cfg, ckpt["model"], kernels, device, last_path)
         optimizer = make_optimizer(args.optimizer, model.parameters(), args.lr)
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], np_rng)
@@ -655,25 +457,22 @@ def main(argv=None):
           f"structure {cfg.structure}, N_m {cfg.n_mask_samples}, heads on {cfg.predict_from}, encoder {cfg.encoder}")
     print(describe_choices(cfg, args))
     if cfg.structure != "none":
-        names = planrec.factor_names(cfg)
-        print(f"factors: {', '.join(names)}" + (f"; dropped dependencies {cfg.drop_dependencies}, "
-                                                   f"{int(model.support.sum())} allowed" if cfg.drop_dependencies else ""))
+        print(f"factors: {', '.join(planrec.factor_names(cfg))}" + (
+            f"; dropped dependencies {cfg.drop_dependencies}, {int(model.support.sum())} allowed" if cfg.drop_dependencies else ""))
         if cfg.structure == "personalized" and model.k_A < cfg.k_A:
             print(f"K_A clipped from {cfg.k_A} to {model.k_A}: only {model.k_A} dependencies are allowed")
+
     for epoch in range(start_epoch, args.epochs + 1):
         if bad_epochs >= args.patience:
             break
         t0 = time.time()
         losses = train_epoch(model, optimizer, data, args, np_rng, device, epoch, attributes)
         t1 = time.time()
-        valid = evaluate(model, data, "valid", device, args.seed, attributes)
+        valid, _ = evaluate(model, data, "valid", device, args.seed, attributes)
         record = {"epoch": epoch, "loss": losses, "valid": valid, "train_s": t1 - t0, "eval_s": time.time() - t1}
         history.append(record)
         improved = best is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]
-        if improved:
-            best, bad_epochs = record, 0
-        else:
-            bad_epochs += 1
+        best, bad_epochs = (record, 0) if improved else (best, bad_epochs + 1)
         state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), config=cfg.to_dict(),
                      data=args.data, data_options=data_options(args), tie_private=args.tie_private, seed=args.seed,
                      epoch=epoch, rng=rng_state(np_rng), history=json.dumps(history), best=json.dumps(best),
@@ -685,14 +484,13 @@ def main(argv=None):
               + " ".join(f"{m} {valid[m]:.4f}" for m in METRICS)
               + f" | {record['train_s']:.0f}s train, {record['eval_s']:.0f}s eval" + (" *" if improved else ""))
         if "personalization" in valid:
-            print("    " + short_personalization(valid["personalization"]))
+            print("    " + diagnostics.short_personalization(valid["personalization"]))
 
     if not best_path.is_file():
         sys.exit(f"error: no best checkpoint in {out_dir}: nothing was trained (is --epochs lower than the resumed epoch?)")
     ckpt = load_checkpoint(best_path)
     model.load_state_dict(ckpt["model"])
-    result = run_split(model, data, "test", device, args.seed, attributes)
-    test = summarize_split(model, result, attributes)
+    test, result = evaluate(model, data, "test", device, args.seed, attributes)
     write_test_scores(out_dir, data, result)
     popularity = datalib.ranking_metrics(datalib.popularity_scores(data, "test"))
     name = {"none": "VAE base", "shared": "+SSL", "personalized": "PlanRec"}[cfg.structure]
@@ -702,10 +500,10 @@ def main(argv=None):
     print("\nTest metrics (best validation epoch):")
     print(format_table(rows))
     if "personalization" in test:
-        print("personalization (test): " + short_personalization(test["personalization"]))
+        print("personalization (test): " + diagnostics.short_personalization(test["personalization"]))
     for key, values in test.get("attributes", {}).items():
         print(f"attribute {key} (test): " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
-    summary = {"args": {k: v for k, v in vars(args).items()}, "config": cfg.to_dict(), "kernel": kernel_name,
+    summary = {"args": vars(args), "config": cfg.to_dict(), "kernel": kernel_name,
                "device": str(device), "best_epoch": ckpt["epoch"], "test": test, "popularity_test": popularity,
                "epochs": history, "wall_s": time.time() - started}
     write_json(out_dir / "metrics.json", summary)

@@ -7,8 +7,10 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 import data as datalib
+from datasets import synthetic
 import experiments as ex
 import train
 from test_train import TINY
@@ -24,7 +26,7 @@ SEEDS = ["0", "1"]
 def worlds(tmp_path_factory):
     root = tmp_path_factory.mktemp("worlds")
     for world, options in ex.WORLDS.items():
-        datalib.make_synthetic(root / world, **TINY_WORLD, **options)
+        synthetic.make_synthetic(root / world, **TINY_WORLD, **options)
     return root
 
 
@@ -55,11 +57,34 @@ def test_permutation_test_identical_inputs_give_p_one():
     assert ex.sign_flip_test(a, a.copy()) == 1.0
 
 
-def test_permutation_test_constant_shift_gives_small_p():
+def test_permutation_test_constant_shift_gives_the_smallest_p():
     a = np.random.default_rng(1).random(40)
     p = ex.sign_flip_test(a + 0.1, a)
-    assert p == pytest.approx(1 / (1 + ex.MIN_PERMUTATIONS), abs=2e-4)
+    assert p == pytest.approx(2 / (1 + ex.MIN_PERMUTATIONS))    # no sign vector reaches the observed mean
     assert ex.sign_flip_test(a, a + 0.1) == p                     # two-sided
+
+
+def test_permutation_test_on_per_user_ndcg_finds_a_real_difference_and_not_a_null_one():
+    """Per-user NDCG@10 of 2,000 users. The other model ranks a fifth of the users' positives as a
+    reshuffle of ours (no difference in the mean), then moves the positive up two places for 10 %
+    (a small true difference) or 30 % (a clear one) of the users."""
+    rng = np.random.default_rng(5)
+    rank = np.minimum(rng.geometric(0.08, 2000) - 1, 100)
+    ndcg = lambda r: np.where(r < 10, 1.0 / np.log2(r + 2.0), 0.0)
+    shuffled = rng.random(2000) < 0.2
+    other = rank.copy()
+    other[shuffled] = rng.permutation(rank[shuffled])
+    none, small, clear = (ndcg(np.where(rng.random(2000) < share, np.maximum(other - 2, 0), other))
+                          for share in (0.0, 0.1, 0.3))
+    base = ndcg(rank)
+    assert ex.sign_flip_test(none, base) > 0.9
+    assert ex.sign_flip_test(clear, base) == pytest.approx(2 / (1 + ex.MIN_PERMUTATIONS))
+    p = ex.sign_flip_test(small, base)
+    assert p < 0.05
+    # At this n the paired t-test has the same null: agreement within Monte Carlo error (s.e. 0.0016).
+    assert p == pytest.approx(stats.ttest_rel(small, base).pvalue, abs=0.01)
+    assert ex.sign_flip_test(small, base) == p                    # a fixed seed repeats exactly
+    assert ex.sign_flip_test(small, base, seed=1) != p            # another seed: other sign vectors
 
 
 def test_permutation_test_is_invariant_to_user_order():
@@ -71,37 +96,90 @@ def test_permutation_test_is_invariant_to_user_order():
     assert 0 < p < 1
 
 
+def test_permutation_test_is_exact_for_few_users():
+    """2**5 = 32 sign vectors <= 10,000: all are enumerated. d = (1, 2, 3, 4, 5): mean(s * d) >= 3
+    only for all signs +1, so the two-sided p is 2 / 32."""
+    assert ex.sign_flip_test(np.arange(1.0, 6.0), np.zeros(5)) == pytest.approx(2 / 32)
+
+
 def test_permutation_test_rejects_unpaired_inputs():
     with pytest.raises(ValueError, match="paired"):
         ex.sign_flip_test(np.zeros(3), np.zeros(4))
 
 
-def test_t_distribution_p_values_match_known_values():
-    assert ex.t_test_p(2.0, 10) == pytest.approx(0.07339, abs=1e-4)
-    assert ex.t_test_p(1.959964, 1e7) == pytest.approx(0.05, abs=1e-5)
-    assert ex.t_test_p(0.0, 5) == pytest.approx(1.0)
-    assert 0 < ex.t_test_p(26.17, 6000) < 1e-100                 # the paper's Figure 3 regime
-
-
-def test_correlations_and_welch_test():
-    x = np.arange(20.0)
-    assert ex.correlation(x, 3 * x + 1) == (1.0, 0.0)
-    r, p = ex.correlation(x, np.exp(x / 5) * np.array([1, 1.01] * 10), rank=True)
-    assert r > 0.99 and p < 1e-10
-    assert ex.rankdata([3, 1, 3, 2]).tolist() == [3.5, 1.0, 3.5, 2.0]
+def test_welch_test_matches_known_t_distribution_values():
+    # Two groups of 6 with equal variance 3.5: df = 10; a shift of 2 standard errors gives t = 2,
+    # whose two-sided p is 0.07339 (tables of Student's t).
+    y = np.arange(6.0)
+    t, df, p = ex.welch_t_test(y + 2 * math.sqrt(2 * 3.5 / 6), y)
+    assert (t, df) == (pytest.approx(2.0), pytest.approx(10.0))
+    assert p == pytest.approx(0.07339, abs=1e-4)
+    assert ex.welch_t_test(y, y + 2 * math.sqrt(2 * 3.5 / 6))[0] == pytest.approx(-2.0)
+    # Unequal sizes and variances: the Welch-Satterthwaite df.
+    x, z = np.array([1.0, 2.0, 3.0, 5.0]), np.array([2.0, 3.0, 4.0, 9.0, 7.0, 1.0])
+    vx, vz = x.var(ddof=1) / 4, z.var(ddof=1) / 6
+    t, df, p = ex.welch_t_test(x, z)
+    assert t == pytest.approx((x.mean() - z.mean()) / math.sqrt(vx + vz))
+    assert df == pytest.approx((vx + vz) ** 2 / (vx ** 2 / 3 + vz ** 2 / 5))
     t, df, p = ex.welch_t_test([1, 2, 3, 4], [1, 2, 3, 4])
     assert t == 0 and p == pytest.approx(1.0)
     t, df, p = ex.welch_t_test(np.arange(30) + 10.0, np.arange(30.0))
     assert t > 0 and p < 1e-3
 
 
-def test_per_user_metrics_average_to_ranking_metrics():
+def test_welch_test_in_the_papers_figure3_regime_and_degenerate_inputs():
+    rng = np.random.default_rng(6)
+    t, df, p = ex.welch_t_test(rng.normal(0.6, 0.1, 3000), rng.normal(0.53, 0.1, 3040))
+    assert t > 20 and 6000 < df < 6040 and 0 < p < 1e-100       # tiny p, not rounded to 0
+    assert all(math.isnan(v) for v in ex.welch_t_test([1.0, 1.0, 1.0], [1.0, 1.0]))   # no variance
+    assert all(math.isnan(v) for v in ex.welch_t_test([1.0], [1.0, 2.0]))             # one value
+
+
+def test_correlations_on_hand_made_data():
+    x = np.arange(20.0)
+    r, p = ex.correlation(x, 3 * x + 1)
+    assert r == pytest.approx(1.0, abs=1e-12) and p == 0.0
+    r, p = ex.correlation(x, -x, rank=True)
+    assert r == pytest.approx(-1.0) and p == 0.0
+    # Pearson r = 2 / sqrt(14) on 12 points: t = r sqrt(10 / (1 - r^2)) = 2 with 10 df, p = 0.07339.
+    u = np.arange(12.0) - 5.5
+    v = np.array([1.0, -1.0] * 6) * np.array([1.0] * 6 + [-1.0] * 6)   # centred, orthogonal to u
+    v -= v.mean()
+    v -= (v @ u) / (u @ u) * u
+    r_true = 2 / math.sqrt(14)
+    r, p = ex.correlation(u, r_true * u / np.linalg.norm(u) + math.sqrt(1 - r_true ** 2) * v / np.linalg.norm(v))
+    assert r == pytest.approx(r_true) and p == pytest.approx(0.07339, abs=1e-4)
+    # Spearman is Pearson on ranks, ties averaged: [3, 1, 3, 2] ranks as [3.5, 1, 3.5, 2].
+    a, b = [3, 1, 3, 2, 5], [10, 1, 20, 2, 30]
+    r, p = ex.correlation(a, b, rank=True)
+    assert r == pytest.approx(np.corrcoef([3.5, 1, 3.5, 2, 5], [3, 1, 4, 2, 5])[0, 1])
+    r, p = ex.correlation(x, np.exp(x / 5) * np.array([1, 1.01] * 10), rank=True)
+    assert r > 0.99 and p < 1e-10
+    for rank in (False, True):                                    # undefined: nan, not a warning's value
+        assert all(math.isnan(v) for v in ex.correlation(x, np.ones(20), rank=rank))
+        assert all(math.isnan(v) for v in ex.correlation([1.0, 2.0], [2.0, 1.0], rank=rank))
+
+
+def test_roc_auc_on_hand_made_scores_with_ties():
+    # Positives 0.9 and 0.5 against negatives 0.5 and 0.1: 3 wins and one tie of 4 pairs.
+    assert ex.roc_auc([0.9, 0.5, 0.5, 0.1], [1, 1, 0, 0]) == pytest.approx(3.5 / 4)
+    assert ex.roc_auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert ex.roc_auc([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0]) == 0.0
+    assert ex.roc_auc(np.ones(5), [1, 0, 1, 0, 0]) == 0.5           # all ties
+    assert math.isnan(ex.roc_auc([1.0, 2.0], [1, 1])) and math.isnan(ex.roc_auc([1.0, 2.0], [0, 0]))
+    rng = np.random.default_rng(7)                                   # against every pair, integer scores
+    scores, labels = rng.integers(0, 4, 200).astype(float), rng.random(200) < 0.4
+    pos, neg = scores[labels][:, None], scores[~labels][None, :]
+    assert ex.roc_auc(scores, labels) == pytest.approx(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def test_table_tests_the_per_user_metrics_that_average_to_ranking_metrics():
     scores = np.random.default_rng(4).random((30, 101))
     scores[:5, 0] = 2.0                                           # some users rank the positive first
-    per_user = ex.per_user_metrics(scores)
+    per_user = datalib.per_user_metrics(scores, ks=(5, 10))
     overall = datalib.ranking_metrics(scores)
-    assert per_user["ndcg@10"].mean() == pytest.approx(overall["ndcg@10"])
-    assert per_user["recall@10"].mean() == pytest.approx(overall["recall@10"])
+    for m in ex.TESTED:
+        assert per_user[m].shape == (30,) and per_user[m].mean() == pytest.approx(overall[m])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,11 +211,11 @@ NAMES = ["user.gender", "user.age", "user.occupation", "user_3", "item.genres", 
 
 
 def truth_with(deviation):
-    nodes = np.array(datalib.SYNTHETIC_NODES)
+    nodes = np.array(synthetic.SYNTHETIC_NODES)
     adjacency = np.zeros((7, 7), dtype=np.int8)
-    for a, b in datalib.SYNTHETIC_EDGES:
+    for a, b in synthetic.SYNTHETIC_EDGES:
         adjacency[list(nodes).index(a), list(nodes).index(b)] = 1
-    return {"nodes": nodes, "adjacency": adjacency, "edges": np.array(datalib.SYNTHETIC_EDGES),
+    return {"nodes": nodes, "adjacency": adjacency, "edges": np.array(synthetic.SYNTHETIC_EDGES),
             "user_deviation": np.asarray(deviation)}
 
 

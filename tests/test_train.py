@@ -10,6 +10,8 @@ import torch
 import data as datalib
 import planrec
 import train
+from analysis import attributes as attributes_lib, diagnostics
+from datasets import ml1m, synthetic
 
 TINY = ["--set", "n_factors=4", "--set", "n_user_factors=2", "--set", "factor_dim=4", "--set", "k_A=6",
         "--set", "k_e=3", "--n-mask-samples", "3", "--batch-size", "64", "--threads", "1", "--kernel", "eager"]
@@ -18,7 +20,7 @@ TINY = ["--set", "n_factors=4", "--set", "n_user_factors=2", "--set", "factor_di
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("synthetic")
-    datalib.make_synthetic(folder, n_users=40, n_items=400, mean_len=12, seed=0)
+    synthetic.make_synthetic(folder, n_users=40, n_items=400, mean_len=12, seed=0)
     return folder
 
 
@@ -159,7 +161,7 @@ def test_attribute_prior_ties_attributes_by_kind():
                                    "item.genres:multilabel:3", "item.year:regression:1")
     cfg = train.model_config(train.parse_args(["--attribute-prior", "item"]), FakeData)
     assert all(s.startswith("item.") for s in cfg.tied_attributes)
-    targets = train.AttributeTargets(FakeData, cfg, torch.device("cpu"))
+    targets = attributes_lib.AttributeTargets(FakeData, cfg, torch.device("cpu"))
     year = targets.tables["item.year"][1:]
     assert abs(float(year.mean())) < 1e-6 and abs(float(year.std(unbiased=False)) - 1) < 1e-5
 
@@ -202,13 +204,13 @@ def test_distinct_masks_counts_first_occurrences():
     mask_e[1, :, 0] = 1
     mask_e[1, 2, 1] = 1             # row 1: samples 0, 1, 3 equal, 2 differs -> 2
     mask_e[1, 3, 2] = 1             # ... and 3 differs too -> 3
-    assert train.distinct_masks(mask_A, mask_e).tolist() == [2.0, 3.0]
+    assert diagnostics.distinct_masks(mask_A, mask_e).tolist() == [2.0, 3.0]
 
 
 def test_missing_movielens_offline_is_one_message(tmp_path, monkeypatch):
     def offline(*a, **k):
         raise OSError("network unreachable")
-    monkeypatch.setattr(datalib, "_urlopen", offline)
+    monkeypatch.setattr(ml1m, "_urlopen", offline)
     monkeypatch.delenv("PLANREC_DATA", raising=False)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
