@@ -31,7 +31,7 @@ import torch.nn.functional as F
 class Config:
     n_users: int = 6040
     n_items: int = 3706
-    embed_dim: int = 16            # paper: 8; ours 16, measured better on ML-1M (RESULTS.md)
+    embed_dim: int = 16            # paper: 8; ours 16, measured better on ML-1M (docs/RESULTS.md)
     history_len: int = 50          # paper: "the last 50 clicked items"
     # q_phi's first component. "paper": section 3.1 as written, two-layer self-attention over
     # [history ; target] (every token attends to every token), one FC layer on the last output
@@ -61,7 +61,7 @@ class Config:
     prior_scale: float = 1.0       # b0 of the prior N(0, b0^2 I), our choice
     dag_alpha: float = 0.0         # alpha of Eq. (10); 0 means 1/N, our choice
     # Loss weights of Eq. (18). The paper weighs every term 1; ours weigh the regularizers 0.1,
-    # measured better on ML-1M (RESULTS.md): at 1 the KL and L_struct slow the ranking loss down.
+    # measured better on ML-1M (docs/RESULTS.md): at 1 the KL and L_struct slow the ranking loss down.
     w_recommend: float = 1.0
     w_reconstruct: float = 0.1
     w_kl: float = 0.1
@@ -91,7 +91,7 @@ class Config:
     # Our option, not the paper's (0 = off, the default): Eq. (9) applied to every personalized
     # structure too, L_struct* = mean_k ||e-hat*^k - e*^k||^2 with A fixed, so that each mask is
     # rewarded for keeping the dependencies that explain this user's factors and dropping those
-    # that do not. In the paper the masks learn only from the balanced prediction (EXPERIMENTS.md,
+    # that do not. In the paper the masks learn only from the balanced prediction (docs/EXPERIMENTS.md,
     # structure recovery: why the masks do not find the deviating users).
     w_personal_struct: float = 0.0
 
@@ -132,7 +132,7 @@ OUR_CHOICES = ("n_factors", "n_user_factors", "factor_dim", "g_hidden", "head_hi
                "k_A", "k_e", "prior_scale", "dag_alpha", "w_attribute")
 
 # Named ablations (paper Tables 6-8): Config overrides that train.py (--preset), the tests and
-# RESULTS.md all refer to by these names. Table 8's regularizer rows add RecR, AcyR, DepR in turn
+# docs/RESULTS.md all refer to by these names. Table 8's regularizer rows add RecR, AcyR, DepR in turn
 # onto PlanRec without regularizers; with all three it is "full".
 PRESETS = {
     "vae_base": dict(structure="none"),                                   # Table 7: VAE

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=4096, help="scored (user, item) pairs per step, positives plus negatives (paper: 4096)")
     p.add_argument("--negatives", type=int, default=1, help="negatives drawn per positive each epoch")
     p.add_argument("--optimizer", choices=["adagrad", "adam"], default="adam",
-                   help="optimizer (paper: adagrad; adam measured better, see RESULTS.md)")
+                   help="optimizer (paper: adagrad; adam measured better, see docs/RESULTS.md)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate (paper: 0.01)")
     p.add_argument("--paper-settings", action="store_true",
                    help="the paper's stated values wherever our defaults differ (section 3.1): Adagrad lr 0.01, "

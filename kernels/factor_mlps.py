@@ -21,7 +21,7 @@ of it is page-faulted in afresh. Here the first layer is one autograd.Function t
 G_CHUNK_ROWS rows at a time (2 MiB at N = d = 8, which stays in cache), multiplies it at once,
 and keeps nothing but its inputs: the backward rebuilds each chunk of x instead of storing it and
 forms the gradients of coefficient and e chunk by chunk from the gradient of that chunk of x.
-The loop is over chunks of rows, never over rows or factors. Measured in issue 12 (RESULTS.md,
+The loop is over chunks of rows, never over rows or factors. Measured in issue 12 (docs/RESULTS.md,
 `python -m bench_train --parts`): the first layer went from 141 ms to 96 ms forward + backward,
 and the personalized training step 1.37x faster.
 """

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-import bench_train
+from benchmarks import bench_train
 
 
 def test_table_prints_every_structure(capsys):

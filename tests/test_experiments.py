@@ -11,7 +11,7 @@ from scipy import stats
 
 import data as datalib
 from datasets import synthetic
-import experiments as ex
+from analysis import experiments as ex
 import train
 from test_train import TINY
 

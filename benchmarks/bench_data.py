@@ -3,9 +3,9 @@ Speed of the data pipeline on MovieLens-1M, and the popularity baseline's metric
 --amazon-synthetic, speed and peak memory of the Amazon-Book path on a generated file of the real
 one's size and skew.
 
-  python bench_data.py --data-dir ../shared/data/ml-1m            # timings
-  python bench_data.py --data-dir ../shared/data/ml-1m --popularity  # + popularity metrics
-  python bench_data.py --amazon-synthetic data/amazon-synthetic --cleanup  # Amazon-Book path
+  python -m benchmarks.bench_data --data-dir ../shared/data/ml-1m            # timings
+  python -m benchmarks.bench_data --data-dir ../shared/data/ml-1m --popularity  # + popularity metrics
+  python -m benchmarks.bench_data --amazon-synthetic data/amazon-synthetic --cleanup  # Amazon-Book path
 
 Times (a) raw files -> prepared folder -> RecData (forced preparation), (b) prepared folder ->
 RecData (the protocol, recomputed on every load), (c) one full training epoch of batches; prints
@@ -124,7 +124,8 @@ def bench_amazon(args):
     source = folder / amazon_book.FILE
     if not source.is_file():
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--write-amazon-synthetic", str(source)], check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_data", "--write-amazon-synthetic", str(source)],
+                       check=True, cwd=Path(__file__).resolve().parents[1])
         print(f"wrote {source} ({source.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - start:.0f} s")
     prepare = lambda: amazon_book.load(folder, rebuild=True, min_interactions=args.min_interactions)
     rows = []

@@ -1,10 +1,10 @@
 """Every analysis of the PlanRec paper (sections 3.2-3.4) as one command, plus a structure-recovery
 test on the synthetic world that the paper could not run.
 
-    python experiments.py --list
-    python experiments.py table2 figure3 --budget quick --seeds 0 1 2 --out results/quick
-    python experiments.py all --budget full --seeds 0 1 2 --out results/full
-    python experiments.py all --budget quick --out results/quick --plan      # what would be trained
+    python -m analysis.experiments --list
+    python -m analysis.experiments table2 figure3 --budget quick --seeds 0 1 2 --out results/quick
+    python -m analysis.experiments all --budget full --seeds 0 1 2 --out results/full
+    python -m analysis.experiments all --budget quick --out results/quick --plan      # what would be trained
 
 Each experiment trains the runs it needs through train.py's own `main` (one run folder per
 configuration and seed under OUT/runs/; a finished folder is reused, an interrupted one resumed with
@@ -1024,7 +1024,7 @@ def clean_json(value):
 def git_commit():
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+                              cwd=Path(__file__).resolve().parents[1], check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -1173,7 +1173,7 @@ def main(argv=None):
                   train_args=args.train_args, reuse=args.reuse, permutations=args.permutations)
     experiments = [BY_NAME[n] for n in args.experiments]
     specs = specs_for(setup, experiments)
-    command = "python experiments.py " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = "python -m analysis.experiments " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.plan:
         rows = plan(setup, specs)
         for folder, state, seconds in rows:

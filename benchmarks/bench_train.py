@@ -1,8 +1,8 @@
 """Time one training step (forward + backward + optimizer step) of the eager model, per structure.
 
-    python -m bench_train                       # this checkout: none, shared, personalized
-    python -m bench_train --compare 6b35fe2     # and that commit's planrec.py, side by side
-    python -m bench_train --parts               # where one step's time goes, part by part
+    python -m benchmarks.bench_train                       # this checkout: none, shared, personalized
+    python -m benchmarks.bench_train --compare 6b35fe2     # and that commit's planrec.py, side by side
+    python -m benchmarks.bench_train --parts               # where one step's time goes, part by part
 
 The batch is what `train.py --data ml-1m` feeds the model: 4,096 scored pairs = 2,048 (user,
 history) rows x (1 positive + 1 negative), 50-item histories, ML-1M's numbers of users and items.
@@ -27,7 +27,7 @@ import torch
 
 from kernels.factor_mlps import factor_mlps
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1]   # the repository root
 
 
 def load_planrec(commit=None):

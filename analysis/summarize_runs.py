@@ -1,4 +1,4 @@
-"""Print the test metrics of finished runs as Markdown tables: `python summarize_runs.py runs/*/`.
+"""Print the test metrics of finished runs as Markdown tables: `python -m analysis.summarize_runs runs/*/`.
 
 Runs are grouped by everything in their arguments except the seed and the run folder; each group
 gets one row with the mean and the spread (min-max) over its seeds. A second table shows what the
@@ -54,5 +54,5 @@ def main(folders):
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
-        sys.exit("usage: python summarize_runs.py RUN_FOLDER [RUN_FOLDER ...]")
+        sys.exit("usage: python -m analysis.summarize_runs RUN_FOLDER [RUN_FOLDER ...]")
     main(sys.argv[1:])
