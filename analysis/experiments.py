@@ -5,12 +5,22 @@ test on the synthetic world that the paper could not run.
     python -m analysis.experiments table2 figure3 --budget quick --seeds 0 1 2 --out results/quick
     python -m analysis.experiments all --budget full --seeds 0 1 2 --out results/full
     python -m analysis.experiments all --budget quick --out results/quick --plan      # what would be trained
+    python -m analysis.experiments all --budget full --from-ledger --out results/full  # rebuild, never train
 
-Each experiment trains the runs it needs through train.py's own `main` (one run folder per
-configuration and seed under OUT/runs/; a finished folder is reused, an interrupted one resumed with
---resume), then writes OUT/NAME.json (its numbers), a CSV per table, PNG figures, and rebuilds
-OUT/REPORT.md from every OUT/*.json there, in the paper's order: our numbers (mean and min-max over
-seeds) beside the paper's, with paired sign-flip permutation tests over users.
+The runs live in the ledger (ledger/, committed; analysis/ledger.py says what a record holds and
+when one is reused). Each experiment reads the records of the runs it needs and trains only those
+missing (or stale: trained by other model code) through train.py's own `main`, one run folder per
+configuration and seed under OUT/runs/ (a finished folder is recorded as it is, an interrupted one
+resumed with --resume); each run is recorded as soon as it finishes. The analyses read the records
+only, so a report is the same whether its runs were trained now or long ago elsewhere, and
+--from-ledger rebuilds every report, table and figure without training (it stops, listing what is
+missing, when a record is). Each experiment then writes OUT/NAME.json (its numbers), a CSV per
+table, PNG figures, and rebuilds OUT/REPORT.md from every OUT/*.json there, in the paper's order: our
+numbers (mean and min-max over seeds) beside the paper's, with paired sign-flip permutation tests
+over users.
+
+The quick budget is a smoke test of the pipeline: every table, JSON and report section made from it
+says so, and no finding rests on it.
 
 Everything the paper leaves open is marked "our choice" here and in the report.
 """
@@ -40,7 +50,7 @@ import data as datalib  # noqa: E402
 from datasets.synthetic import load_ground_truth, make_synthetic  # noqa: E402
 import planrec  # noqa: E402
 import train  # noqa: E402
-from analysis import diagnostics  # noqa: E402
+from analysis import diagnostics, ledger  # noqa: E402
 
 METRICS = train.METRICS
 LABELS = {"auc": "AUC", "recall@5": "R@5", "recall@10": "R@10", "ndcg@5": "N@5", "ndcg@10": "N@10"}
@@ -48,8 +58,12 @@ TESTED = ("ndcg@10", "recall@10")      # the per-user metrics of the significanc
 MIN_PERMUTATIONS = 10_000
 
 # Training budgets. "main" runs use the real dataset (ML-1M), "synthetic" runs the synthetic world.
-# quick: every experiment together in about 90 minutes on 2 CPU cores; full: train.py's defaults
-# (3 epochs on ML-1M, 10 on the synthetic world; early stopping with patience 2).
+# quick: a smoke test of the pipeline (every experiment together in about 90 minutes on 2 CPU cores;
+# ML-1M models stay below the popularity baseline), labelled as such everywhere; full: train.py's
+# defaults (3 epochs on ML-1M, 10 on the synthetic world; early stopping with patience 2).
+SMOKE_TEST = "quick"
+SMOKE_TEST_NOTE = ("**Smoke test (quick budget).** These runs are trained for a few steps to show that the pipeline "
+                   "runs end to end; their numbers are not results and no finding rests on them.")
 BUDGETS = {
     "quick": {"main": ("--epochs", "1", "--max-steps", "60"), "synthetic": ("--epochs", "4")},
     "full": {"main": (), "synthetic": ()},
@@ -169,6 +183,8 @@ class Setup:
     out: Path
     budget: str
     seeds: list
+    ledger: Path = ledger.LEDGER
+    from_ledger: bool = False                     # never train: every run must have a current record
     data: str = "ml-1m"
     data_dir: str | None = None
     synthetic_dir: Path | None = None
@@ -229,10 +245,41 @@ TRAINING_KEYS = ("data", "seed", "optimizer", "lr", "batch_size", "negatives", "
 BUDGET_KEYS = ("epochs", "max_steps", "patience")
 
 
+def wanted_run(setup, spec, seed):
+    """(train.py args, data, Config dict) of one run as this invocation would train it."""
+    args = train.parse_args(setup.train_argv(spec, seed))
+    data = load_data(spec.data, spec.data_dir, json.dumps(train.data_options(args), sort_keys=True))
+    return args, data, ledger.plain(train.model_config(args, data).to_dict())
+
+
+def budget_of(spec, args):
+    """The budget whose flags a run's args (a dict) have, else 'own flags'."""
+    for name, flags in BUDGETS.items():
+        budget = train.parse_args(["--data", args["data"], *flags[spec.kind]])
+        if all(args.get(k) == getattr(budget, k) for k in BUDGET_KEYS):
+            return name
+    return "own flags"
+
+
+def run_identity(setup, spec, seed, stored_args=None, stored_config=None):
+    """The ledger identity of one run: as this invocation would train it, or of a finished folder's
+    own args and Config (a --reuse-run folder keeps its own budget)."""
+    args, data, config = wanted_run(setup, spec, seed)
+    if stored_args is None:
+        return ledger.identity(vars(args), config, ledger.data_fingerprint(data), setup.budget)
+    budget = budget_of(spec, stored_args) if spec.key in setup.reuse else setup.budget
+    return ledger.identity(stored_args, stored_config, ledger.data_fingerprint(data), budget)
+
+
+def same_model(ident, wanted):
+    """Does a record count for a --reuse-run key: same Config, data and TRAINING_KEYS, any budget."""
+    return (ident["config"] == wanted["config"] and ident["data"] == wanted["data"]
+            and all(ident["args"].get(k) == wanted["args"].get(k) for k in TRAINING_KEYS))
+
+
 def check_finished_run(setup, spec, seed, folder):
     stored = json.loads((folder / "metrics.json").read_text())
-    args = train.parse_args(setup.train_argv(spec, seed))
-    config = json.loads(json.dumps(train.model_config(args, load_data(spec.data, spec.data_dir)).to_dict()))
+    args, _, config = wanted_run(setup, spec, seed)
     keys = TRAINING_KEYS + (() if spec.key in setup.reuse else BUDGET_KEYS)
     differing = {k: (stored["config"][k], v) for k, v in config.items() if k in stored["config"] and stored["config"][k] != v}
     differing.update({k: (stored["args"][k], getattr(args, k)) for k in keys
@@ -240,27 +287,86 @@ def check_finished_run(setup, spec, seed, folder):
     if differing:
         sys.exit(f"error: {folder} holds a run of another configuration than {spec.key} seed {seed} "
                  f"(setting: (stored, wanted)) {differing}; delete the folder, use another --out, or fix --reuse-run")
+    return stored
+
+
+def run_state(setup, spec, seed, code):
+    """What this invocation does with one run: (state, Record or None, what to say). States:
+    ledger      a current record (for a --reuse-run key: of the same model, any budget, unless its
+                folder holds another finished run): read it, train nothing
+    missing     (--from-ledger) no record;  stale: the record's model code differs from today's
+                (--from-ledger: missing; else its folder, where it came from it, is trained anew)
+    record      a finished run folder without a current record: check it and record it
+    resume, new train (train.py --resume, or from scratch), then record
+    UNFINISHED  a --reuse-run folder without metrics.json: stops the invocation"""
+    folder = setup.folder(spec, seed)
+    reused = spec.key in setup.reuse
+    if spec.data_dir and not Path(spec.data_dir).exists():
+        return "new", None, f"{folder} (its world {spec.data_dir} is not generated yet)"
+    wanted = run_identity(setup, spec, seed)
+    state, record = ledger.lookup(setup.ledger, spec.key, seed,
+                                  (lambda i: same_model(i, wanted)) if reused else (lambda i: i == wanted), code)
+    finished = (folder / "metrics.json").is_file()
+    same_run = finished and record is not None and record.meta["metrics_sha256"] == ledger.file_sha(folder / "metrics.json")
+    stale = f"STALE: {', '.join(ledger.code_differences(record.meta['code'], code))} differ" if state == "stale" else ""
+    if state == "current" and (setup.from_ledger or not reused or not finished or same_run):
+        return "ledger", record, record.name
+    if setup.from_ledger:
+        return ("stale" if state == "stale" else "missing"), record, f"{spec.key} seed {seed}: {stale or 'no record'}"
+    if state == "stale" and same_run:
+        if reused:
+            sys.exit(f"error: --reuse-run {spec.key}: {folder} is the run of {record.name}, whose model code differs from "
+                     f"today's ({stale}); retrain it or drop --reuse-run")
+        return "stale", record, f"{folder} ({stale}: trained anew)"
+    if finished:
+        return "record", None, str(folder)
+    if reused:
+        return "UNFINISHED", None, f"{folder} (--reuse-run: stops the run)"
+    return ("resume" if (folder / "last.pt").is_file() else "new"), None, str(folder)
+
+
+def ensure_record(setup, spec, seed, code, command):
+    """The current ledger record of one run, training or recording it first where needed (see
+    run_state); (None, why) under --from-ledger when there is none."""
+    state, record, detail = run_state(setup, spec, seed, code)
+    if state == "ledger":
+        return record, None
+    if state in ("missing", "stale") and setup.from_ledger:
+        return None, detail
+    folder = setup.folder(spec, seed)
+    if state == "UNFINISHED":
+        sys.exit(f"error: --reuse-run {spec.key}: {folder} has no metrics.json (not finished?); "
+                 "let the run finish or drop --reuse-run")
+    if state == "stale":            # the folder holds the stale run: start it again from scratch
+        for name in ("metrics.json", "test_scores.npz", "structures.npz", "last.pt", "best.pt"):
+            (folder / name).unlink(missing_ok=True)
+    provenance = ensure_run(setup, spec, seed)
+    stored = json.loads((folder / "metrics.json").read_text())
+    argv = setup.train_argv(spec, seed)
+    ident = run_identity(setup, spec, seed, ledger.plain(stored["args"]), stored["config"])
+    train_command = "python train.py " + shlex.join(argv) if provenance != "folder" else None
+    return ledger.record_run(setup.ledger, spec.key, seed, ident, folder, spec.export, provenance, code,
+                             {"experiments": command, "train": train_command},
+                             {"what": spec.what, "kind": spec.kind}), None
 
 
 def ensure_run(setup, spec, seed):
-    """Train, resume or reuse one run folder; make sure it holds test_scores.npz (and structures.npz
-    where needed). Returns the folder."""
+    """Train, resume or check one run folder; make sure it holds test_scores.npz (and structures.npz
+    where needed). Returns how it was finished: 'trained', 'resumed' or 'folder' (before)."""
     folder = setup.folder(spec, seed)
-    finished = (folder / "metrics.json").is_file()
-    if spec.key in setup.reuse and not finished:
-        sys.exit(f"error: --reuse-run {spec.key}: {folder} has no metrics.json (not finished?); "
-                 "let the run finish or drop --reuse-run")
-    if finished:
+    if (folder / "metrics.json").is_file():
         check_finished_run(setup, spec, seed, folder)
+        provenance = "folder"
     else:
-        argv = setup.train_argv(spec, seed)
-        train.main(argv + (["--resume"] if (folder / "last.pt").is_file() else []))
+        resume = (folder / "last.pt").is_file()
+        train.main(setup.train_argv(spec, seed) + (["--resume"] if resume else []))
+        provenance = "resumed" if resume else "trained"
     if not (folder / "test_scores.npz").is_file():
         write_test_scores(folder, spec.data_dir)      # folders from before train.py wrote them
     if spec.export and not (folder / "structures.npz").is_file():
         model, data, ckpt, _, device = load_trained(folder, spec.data_dir)
         diagnostics.export_structures(model, data, device, folder, seed=ckpt["seed"])
-    return folder
+    return provenance
 
 
 def load_trained(folder, data_dir):
@@ -281,25 +387,40 @@ def write_test_scores(folder, data_dir):
 
 
 class Runs:
-    """The finished run folders of one invocation: run key -> [folder per seed]."""
+    """The ledger records of one invocation: run key -> [Record per seed, in the order of --seeds]."""
 
-    def __init__(self, setup, folders):
-        self.setup, self.folders = setup, folders
+    def __init__(self, setup, records):
+        self.setup, self.records = setup, records
 
     def __getitem__(self, key):
-        if key not in self.folders:
-            raise KeyError(f"run {key} was not trained in this invocation")
-        return self.folders[key]
+        if key not in self.records:
+            raise KeyError(f"run {key} is not among the runs of this invocation")
+        return self.records[key]
 
-    def test_scores(self, key):
-        out = []
-        for folder in self[key]:
-            with np.load(folder / "test_scores.npz") as f:
-                out.append({k: f[k] for k in f.files})
-        return out
+    def per_user(self, key):
+        """[(user_ids, data.per_user_metrics of the test scores)] per seed."""
+        return [(r.arrays["user_ids"], r.per_user_metrics()) for r in self[key]]
+
+    def uncertainty(self, key):
+        """[per-user test uncertainty [U]] per seed."""
+        return [r.arrays["test_uncertainty"] for r in self[key]]
+
+    def structures(self, key):
+        return [r.structure() for r in self[key]]
 
     def metrics(self, key):
-        return [json.loads((folder / "metrics.json").read_text()) for folder in self[key]]
+        """[metrics.json of the run] per seed."""
+        return [r.meta["metrics"] for r in self[key]]
+
+    def names(self, key):
+        return [r.name for r in self[key]]
+
+    def budget(self, key):
+        return "/".join(sorted({r.meta["budget"] for r in self[key]}))
+
+    def smoke_test(self, keys):
+        """Is anything built from these runs a smoke test (this invocation's budget, or a record's)?"""
+        return self.setup.budget == SMOKE_TEST or any(r.meta["smoke_test"] for k in keys for r in self[k])
 
     def training(self, key):
         """How the run was trained, from its own metrics.json: epochs run, step cap, wall time."""
@@ -308,7 +429,8 @@ class Runs:
         epochs = sorted({len(r["epochs"]) for r in runs})
         steps = f", max {args['max_steps']} steps/epoch" if args.get("max_steps") else ""
         wall = np.mean([r["wall_s"] for r in runs])
-        return f"{'/'.join(map(str, epochs))} of {args['epochs']} epochs{steps}; {wall:.0f} s"
+        smoke = "; smoke test" if self.smoke_test([key]) else ""
+        return f"{'/'.join(map(str, epochs))} of {args['epochs']} epochs{steps}; {wall:.0f} s{smoke}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,27 +515,28 @@ def table(setup, runs, rows, data=None, users=None, test_seed=0):
     built, per_user = [], {}
     for row in rows:
         if row.run is None:
-            scores, user_ids = [datalib.popularity_scores(data, "test")], [data.raw_user_ids]
-            training, folders, seeds = "training-set counts", [], []
+            stored = [(data.raw_user_ids, datalib.per_user_metrics(datalib.popularity_scores(data, "test")))]
+            training, records, seeds, budget = "training-set counts", [], [], None
         else:
-            stored = runs.test_scores(row.run)
-            scores, user_ids = [s["scores"] for s in stored], [s["user_ids"] for s in stored]
-            training, folders, seeds = runs.training(row.run), [str(f) for f in runs[row.run]], list(setup.seeds)
+            stored = runs.per_user(row.run)
+            training, records, seeds, budget = runs.training(row.run), runs.names(row.run), list(setup.seeds), runs.budget(row.run)
+        user_ids = [u for u, _ in stored]
         if any(not np.array_equal(u, user_ids[0]) for u in user_ids) or (per_user and not np.array_equal(
                 user_ids[0], next(iter(per_user.values()))[1])):
             sys.exit(f"error: row {row.label}: its runs score other users than the table's other rows; "
                      "were they trained on other data?")
         mask = np.ones(len(user_ids[0]), dtype=bool) if users is None else users
-        per_seed = [datalib.ranking_metrics(s[mask]) for s in scores]
+        per_seed = [{m: float(values[m][mask].mean()) for m in METRICS} for _, values in stored]
         metrics = {m: {"mean": float(np.mean([p[m] for p in per_seed])), "min": float(min(p[m] for p in per_seed)),
                        "max": float(max(p[m] for p in per_seed)), "per_seed": [p[m] for p in per_seed]}
                    for m in METRICS}
-        tested = {m: np.mean([datalib.per_user_metrics(s[mask], ks=(5, 10))[m] for s in scores], axis=0)
-                  for m in TESTED}
+        tested = {m: np.mean([values[m][mask] for _, values in stored], axis=0) for m in TESTED}
         per_user[row.label] = (tested, user_ids[0])
         compare = (row.compare,) if isinstance(row.compare, str) else tuple(row.compare)
-        entry = {"label": row.label, "run": row.run, "seeds": seeds, "folders": folders, "training": training,
-                 "n_users": int(mask.sum()), "metrics": metrics, "paper": row.paper, "compared_with": list(compare),
+        entry = {"label": row.label, "run": row.run, "seeds": seeds, "budget": budget,
+                 "smoke_test": bool(row.run and runs.smoke_test([row.run])), "records": records,
+                 "training": training, "n_users": int(mask.sum()), "metrics": metrics, "paper": row.paper,
+                 "compared_with": list(compare),
                  "p_values": {other: {m: sign_flip_test(tested[m], per_user[other][0][m], setup.permutations, seed=test_seed)
                                       for m in TESTED} for other in compare},
                  "paper_p_values": row.paper_p}
@@ -436,7 +559,8 @@ def delta_text(rows_by_label, row, other, metric="ndcg@10"):
 def markdown_table(title, rows):
     by_label = {r["label"]: r for r in rows}
     head = ["row", *(LABELS[m] for m in METRICS), "vs", "ΔN@10 ours / paper", "p N@10", "p R@10", "training"]
-    lines = [f"**{title}** (ours: mean over seeds, min-max in brackets; the paper's row below in italics)", "",
+    smoke = "SMOKE TEST (quick budget), not a result: " if any(r["smoke_test"] for r in rows) else ""
+    lines = [f"**{smoke}{title}** (ours: mean over seeds, min-max in brackets; the paper's row below in italics)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         n_seeds = len(r["seeds"]) or 1
@@ -463,17 +587,18 @@ def write_table_csv(path, rows):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["row", "source", "n_seeds", "n_users"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "min", "max")]
-                        + ["compared_with"] + [f"p_{m}" for m in TESTED] + ["training"])
+                        + ["compared_with"] + [f"p_{m}" for m in TESTED] + ["training", "budget", "smoke_test"])
         for r in rows:
             stats = [r["metrics"][m][s] for m in METRICS for s in ("mean", "min", "max")]
             start = [r["label"], "ours", len(r["seeds"]) or 1, r["n_users"]]
             for other in r["compared_with"] or [""]:
                 p = r["p_values"].get(other, {})
-                writer.writerow(start + stats + [other] + [p.get(m, "") for m in TESTED] + [r["training"]])
+                writer.writerow(start + stats + [other] + [p.get(m, "") for m in TESTED]
+                                + [r["training"], r["budget"] or "", r["smoke_test"]])
             if r["paper"]:
                 pp = r["paper_p_values"] or {}
                 writer.writerow([r["label"], "paper", "", ""] + [x for m in METRICS for x in (r["paper"][m], "", "")]
-                                + ["best baseline" if pp else ""] + [pp.get(m, "") for m in TESTED] + [""])
+                                + ["best baseline" if pp else ""] + [pp.get(m, "") for m in TESTED] + ["", "", ""])
 
 
 @dataclass
@@ -609,12 +734,13 @@ def figure3(setup, runs):
     data = load_data(setup.data, setup.data_dir)
     consistency = datalib.interest_consistency(data.item_seq, data.user_offsets, data.item_attrs["genres"])
     activeness = np.diff(data.user_offsets).astype(np.float64)    # paper: the number of behaviours
-    stored = runs.test_scores(f"{setup.data}-planrec")
-    if any(not np.array_equal(s["user_ids"], data.raw_user_ids) for s in stored):
+    key = f"{setup.data}-planrec"
+    if any(not np.array_equal(user_ids, data.raw_user_ids) for user_ids, _ in runs.per_user(key)):
         sys.exit("error: figure3: the PlanRec runs score other users than the dataset holds")
+    uncertainty = runs.uncertainty(key)                                # per user, averaged over the candidates
     per_seed = []
-    for seed, s in zip(setup.seeds, stored):
-        certainty = 1.0 - min_max(s["uncertainty"].mean(1))           # 1 - normalized uncertainty, as the paper plots
+    for seed, u in zip(setup.seeds, uncertainty):
+        certainty = 1.0 - min_max(u)                                   # 1 - normalized uncertainty, as the paper plots
         stats = {"seed": seed}
         for name, x in (("consistency", consistency), ("activeness", activeness)):
             x = min_max(x)
@@ -624,7 +750,7 @@ def figure3(setup, runs):
     active = min_max(activeness) > 0.6
     t, df, p = welch_t_test(consistency[active], consistency[~active])
     path = setup.out / "figure3.png"
-    certainty = 1.0 - min_max(stored[0]["uncertainty"].mean(1))
+    certainty = 1.0 - min_max(uncertainty[0])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for ax, name, x, label in ((axes[0], "consistency", consistency, "interest consistency"),
                                (axes[1], "activeness", activeness, "activeness (number of behaviours)")):
@@ -670,10 +796,7 @@ def figure3(setup, runs):
 def figure4(setup, runs):
     data = load_data(setup.data, setup.data_dir)
     key = f"{setup.data}-planrec-ui"
-    structures = []
-    for folder in runs[key]:
-        with np.load(folder / "structures.npz") as f:
-            structures.append({k: f[k] for k in f.files})
+    structures = runs.structures(key)
     names = [str(n) for n in structures[0]["factor_names"]]
     if "user.gender" not in names or "item.genres" not in names:
         sys.exit(f"error: figure4: the run {key} has no factors tied to user.gender and item.genres ({names})")
@@ -859,18 +982,17 @@ although the histories alone separate the deviating users at AUC 0.96-1.00)."""
 
 
 def structure_recovery(setup, runs):
+    smoke = runs.smoke_test(SR_ROWS)
     truth = load_ground_truth(setup.world_dir("synthetic"))
     strong_truth = load_ground_truth(setup.world_dir("synthetic-strong"))
     rows = []
     for key in SR_ROWS:
         per_seed = []
-        for seed, folder in zip(setup.seeds, runs[key]):
-            with np.load(folder / "structures.npz") as f:
-                s = {k: f[k] for k in f.files}
+        for seed, s, metrics in zip(setup.seeds, runs.structures(key), runs.metrics(key)):
             m = structure_metrics(s["shared_A"], s["factor_names"], s["keep_prob_A"], s["user_ids"],
                                   strong_truth if key == "synth-sr-strong" else truth)
             m["seed"] = seed
-            m["ndcg@10"] = json.loads((folder / "metrics.json").read_text())["test"]["ndcg@10"]
+            m["ndcg@10"] = metrics["test"]["ndcg@10"]
             per_seed.append(m)
         summary = {name: {"mean": float(np.nanmean(v)) if np.isfinite(v).any() else float("nan"),
                           "min": float(np.nanmin(v)) if np.isfinite(v).any() else float("nan"),
@@ -878,7 +1000,8 @@ def structure_recovery(setup, runs):
                    for name in SR_METRICS + ("ndcg@10",) for v in [np.array([p[name] for p in per_seed], float)]}
         blocks = {b: float(np.mean([p["block_share"][b] for p in per_seed])) for b in ("u2u", "u2i", "i2u", "i2i")}
         rows.append({"row": key, "what": SYNTHETIC_CONFIGS[key][2], "flags": list(SYNTHETIC_CONFIGS[key][1]),
-                     "seeds": list(setup.seeds), "training": runs.training(key), "summary": summary,
+                     "seeds": list(setup.seeds), "budget": runs.budget(key), "records": runs.names(key),
+                     "training": runs.training(key), "summary": summary,
                      "block_share": blocks, "per_seed": per_seed})
     main = rows[0]["summary"]
 
@@ -886,8 +1009,8 @@ def structure_recovery(setup, runs):
     path = setup.out / "structure_recovery.png"
     panels = []
     for key in ("synth-sr-main", "synth-sr-heads-both"):
-        with np.load(runs[key][0] / "structures.npz") as f:
-            panels.append((key, np.abs(f["shared_A"]), [str(n) for n in f["factor_names"]]))
+        s = runs.structures(key)[0]
+        panels.append((key, np.abs(s["shared_A"]), [str(n) for n in s["factor_names"]]))
     names = panels[0][2]
     nodes = [str(n) for n in truth["nodes"]]
     true_A = np.zeros((len(names), len(names)))
@@ -917,16 +1040,18 @@ def structure_recovery(setup, runs):
         return f"{v['mean']:.{digits}g}{spread}"
     head = ["row", "edge AUC (directed)", "edge AUC (undirected)", "SHD", "deviation AUC", "N@10",
             "share of sum abs(A): u2u / u2i / i2u / i2i", "training"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = (["**SMOKE TEST (quick budget), not a result**", ""] if smoke else []) + [
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         s = r["summary"]
         lines.append("| " + " | ".join([r["what"]] + [cell(s[m]) for m in SR_METRICS] + [cell(s["ndcg@10"])]
                                        + [" / ".join(f"{r['block_share'][b]:.2f}" for b in ("u2u", "u2i", "i2u", "i2i"))]
                                        + [r["training"]]) + " |")
+    verdict = lambda ok: "not judged (smoke test)" if smoke else "met" if ok else "not met"
     goals = (f"Goals of the issue (mean of the main row): directed edge AUC >= 0.9: reached "
-             f"{main['edge_auc']['mean']:.3f}, {'met' if main['edge_auc']['mean'] >= 0.9 else 'not met'}; "
+             f"{main['edge_auc']['mean']:.3f}, {verdict(main['edge_auc']['mean'] >= 0.9)}; "
              f"deviation AUC >= 0.7: reached {main['deviation_auc']['mean']:.3f}, "
-             f"{'met' if main['deviation_auc']['mean'] >= 0.7 else 'not met'}.")
+             f"{verdict(main['deviation_auc']['mean'] >= 0.7)}.")
     text = ("**Structure recovery on the synthetic world (not in the paper)**: does the learned shared A find the "
             "world's DAG (user group -> category, purchasing power -> price, age -> era; occupation a distractor), "
             "and do the masks find the users who drop an edge? Every row ties factors to the attributes with "
@@ -1039,13 +1164,27 @@ def setup_name(kind):
     return "real-dataset (ML-1M)" if kind == "main" else "synthetic"
 
 
-def write_experiment(setup, experiment, section, command, wall_s):
+def machine_text(record):
+    m = record.meta["machine"]
+    if not m:
+        return "machine unknown (recorded from an earlier run folder)"
+    return f"{m.get('gpu') or m['cpu']}, {m['device']}, {m['threads']} threads, torch {m['torch']}"
+
+
+def write_experiment(setup, experiment, section, runs, command, wall_s):
+    keys = [spec.key for spec in specs_for(setup, [experiment])]
+    smoke = runs.smoke_test(keys)
+    used = {r.name: {"key": k, "seed": r.meta["seed"], "budget": r.meta["budget"], "wall_s": r.meta["wall_s"],
+                     "commit": (r.meta["commit"] or {}).get("head"), "machine": machine_text(r)}
+            for k in keys for r in runs[k]}
     numbers = {"experiment": experiment.name, "title": experiment.title, "reproduces": experiment.what,
-               "budget": setup.budget, "budget_flags": {k: list(v) for k, v in BUDGETS[setup.budget].items()},
-               "train_args": setup.train_args, "seeds": setup.seeds, "data": setup.data, "permutations": setup.permutations,
-               "commit": git_commit(), "command": command, "wall_s_build": wall_s, "figures": section.figures,
-               "tables": sorted(section.tables), **section.numbers,
-               "markdown": f"## {experiment.title}\n\n*{experiment.what}.*\n\n{section.markdown}\n"}
+               "budget": setup.budget, "smoke_test": smoke, "seeds": setup.seeds,
+               "budget_flags": {k: list(v) for k, v in BUDGETS[setup.budget].items()},
+               "train_args": setup.train_args, "data": setup.data, "permutations": setup.permutations,
+               "commit": git_commit(), "command": command, "wall_s_build": wall_s, "ledger": str(setup.ledger),
+               "records": used, "figures": section.figures, "tables": sorted(section.tables), **section.numbers,
+               "markdown": f"## {experiment.title}\n\n*{experiment.what}.*\n\n"
+                           + (f"> {SMOKE_TEST_NOTE}\n\n" if smoke else "") + f"{section.markdown}\n"}
     for name, rows in section.tables.items():
         write_table_csv(setup.out / name, rows)
     train.write_json(setup.out / f"{experiment.name}.json", clean_json(numbers))
@@ -1053,21 +1192,29 @@ def write_experiment(setup, experiment, section, command, wall_s):
 
 def write_report(setup, command):
     """REPORT.md from every NAME.json in the output folder, in the paper's order."""
-    sections, walls = [], {}
+    sections, used, smoke = [], {}, False
     for experiment in EXPERIMENTS:
         path = setup.out / f"{experiment.name}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
-            sections.append(stored["markdown"] + f"\n*{stored['budget']} budget, seeds {stored['seeds']}, commit "
+            smoke |= stored["smoke_test"]
+            used.update(stored["records"])
+            sections.append(stored["markdown"] + f"\n*{stored['budget']} budget"
+                            + (" (smoke test)" if stored["smoke_test"] else "") + f", seeds {stored['seeds']}, commit "
                             f"{stored['commit']}; numbers in {path.name}.*\n")
-    for metrics in sorted((setup.out / "runs").glob("*/metrics.json")):
-        walls[metrics.parent.name] = json.loads(metrics.read_text())["wall_s"]
-    header = (f"# PlanRec experiments\n\nLast command: `{command}`  \nCommit {git_commit()}; machine: "
+    machines = {}
+    for r in used.values():
+        machines[r["machine"]] = machines.get(r["machine"], 0) + 1
+    header = (f"# PlanRec experiments\n\n" + (f"{SMOKE_TEST_NOTE}\n\n" if smoke else "")
+              + f"Last command: `{command}`  \nCommit {git_commit()}; report built on "
               f"{platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}.  \n"
               f"{budget_text(setup.budget)}" + (f"; extra train.py flags for every run: `{' '.join(setup.train_args)}`"
-                                                 if setup.train_args else "") + f". Run folders in `runs/` ({len(walls)} here, "
-              f"{sum(walls.values()) / 60:.1f} min of training and evaluation in all); a row's \"training\" cell "
-              f"says how its own runs were trained (epochs run of the maximum, step cap, mean wall time).\n\n"
+                                                 if setup.train_args else "")
+              + f". Runs: {len(used)} ledger records (`{setup.ledger.name}/`, named in each NAME.json), "
+              f"{sum(r['wall_s'] or 0 for r in used.values()) / 60:.1f} min of training and evaluation in all, on "
+              + "; ".join(f"{m} ({n})" for m, n in sorted(machines.items()))
+              + "; a row's \"training\" cell says how its own runs were trained (epochs run of the maximum, step cap, "
+              "mean wall time).\n\n"
               "p-values: paired two-sided sign-flip permutation test over users of the per-user NDCG@10 / "
               f"Recall@10 (averaged over seeds) between a row and the row in its \"vs\" cell; {setup.permutations} "
               "random sign vectors, seeded; p = (1 + exceedances) / (1 + permutations).\n")
@@ -1086,7 +1233,15 @@ Reuse finished ML-1M runs of train.py, one flag per configuration, {{seed}} stan
   --reuse-run ml-1m-ssl=runs/ml1m-ssl-seed{{seed}}
 A reused folder must be finished (metrics.json) and of the same model; it may come from another budget
 (the report's "training" cell says how each row was trained). test_scores.npz / structures.npz are
-written into it when missing."""
+written into it when missing, and it is recorded into the ledger; under --from-ledger (or when the
+folder is gone) a --reuse-run key takes the newest current record of the same model, any budget.
+
+The ledger (--ledger, default the repository's ledger/; analysis/ledger.py): a run with a current
+record (same identity, same model code) is read, never trained; every run trained or found finished
+is recorded as soon as it is. Rebuild every report from it alone, training nothing:
+  python -m analysis.experiments all --budget full --seeds 0 1 2 --from-ledger --out results/full
+--plan says per run: ledger (current record), STALE (a record of other model code, files named),
+record (a finished folder to record), resume, new; under --from-ledger: ledger, missing or stale."""
 
 
 def parse_args(argv=None):
@@ -1099,8 +1254,8 @@ def parse_args(argv=None):
     p.add_argument("--list", action="store_true", help="name every experiment with what it reproduces, and exit")
     p.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
                    help="quick: ML-1M runs " + " ".join(BUDGETS["quick"]["main"]) + ", synthetic runs "
-                        + " ".join(BUDGETS["quick"]["synthetic"]) + " (about 90 min on 2 CPU cores for all); "
-                        "full: train.py's defaults")
+                        + " ".join(BUDGETS["quick"]["synthetic"]) + " (about 90 min on 2 CPU cores for all): a "
+                        "smoke test of the pipeline, labelled so in every table, JSON and report; full: train.py's defaults")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every configuration")
     p.add_argument("--out", default=None, help="output folder (REPORT.md, NAME.json, CSVs, PNGs, runs/)")
     p.add_argument("--data", choices=["ml-1m", "synthetic"], default="ml-1m",
@@ -1117,6 +1272,11 @@ def parse_args(argv=None):
     p.add_argument("--permutations", type=int, default=MIN_PERMUTATIONS, help="sign vectors per permutation test")
     p.add_argument("--plan", action="store_true", help="list the runs the experiments need (state, estimated "
                                                         "time) and exit without training")
+    p.add_argument("--ledger", default=str(ledger.LEDGER), metavar="DIR",
+                   help="the ledger of run records, read first and written as runs finish (default: the repository's)")
+    p.add_argument("--from-ledger", action="store_true",
+                   help="never train: build every experiment from the ledger's current records, and stop listing "
+                        "the runs that have none")
     args = p.parse_args(argv)
     if args.list:
         return args
@@ -1149,16 +1309,14 @@ def parse_args(argv=None):
     return args
 
 
-def plan(setup, specs):
-    """[(folder, state, estimated seconds)] of every run."""
+def plan(setup, specs, code):
+    """[(record or folder, state, estimated seconds)] of every run (run_state's states)."""
     rows = []
     for spec in specs:
         for seed in setup.seeds:
-            folder = setup.folder(spec, seed)
-            state = ("finished" if (folder / "metrics.json").is_file() else
-                     "UNFINISHED (reused: stops the run)" if spec.key in setup.reuse else
-                     "resume" if (folder / "last.pt").is_file() else "new")
-            rows.append((folder, state, ESTIMATED_SECONDS[(spec.kind, setup.budget)] if state in ("new", "resume") else 0))
+            state, _, where = run_state(setup, spec, seed, code)
+            train_s = ESTIMATED_SECONDS[(spec.kind, setup.budget)] if state in ("new", "resume", "stale") else 0
+            rows.append((where, state, train_s))
     return rows
 
 
@@ -1168,34 +1326,42 @@ def main(argv=None):
         for e in EXPERIMENTS:
             print(f"{e.name:20s} {e.title}: {e.what}")
         return None
-    setup = Setup(out=Path(args.out), budget=args.budget, seeds=args.seeds, data=args.data, data_dir=args.data_dir,
+    code = ledger.code_fingerprint()          # the model code this process runs, taken before any training
+    setup = Setup(out=Path(args.out), budget=args.budget, seeds=args.seeds, ledger=Path(args.ledger),
+                  from_ledger=args.from_ledger, data=args.data, data_dir=args.data_dir,
                   synthetic_dir=Path(args.synthetic_dir) if args.synthetic_dir else None,
                   train_args=args.train_args, reuse=args.reuse, permutations=args.permutations)
     experiments = [BY_NAME[n] for n in args.experiments]
     specs = specs_for(setup, experiments)
     command = "python -m analysis.experiments " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     if args.plan:
-        rows = plan(setup, specs)
-        for folder, state, seconds in rows:
-            print(f"{state:9s} ~{seconds / 60:5.1f} min  {folder}")
-        print(f"{sum(r[1] in ('new', 'resume') for r in rows)} of {len(rows)} runs to train, about "
-              f"{sum(r[2] for r in rows) / 60:.0f} min on 2 CPU cores ({budget_text(setup.budget)})")
+        rows = plan(setup, specs, code)
+        for where, state, seconds in rows:
+            print(f"{state:10s} ~{seconds / 60:5.1f} min  {where}")
+        print(f"{sum(r[2] > 0 for r in rows)} of {len(rows)} runs to train, about {sum(r[2] for r in rows) / 60:.0f} "
+              f"min on 2 CPU cores ({budget_text(setup.budget)}); ledger {setup.ledger}, model code {code['hash']}")
         return rows
     setup.out.mkdir(parents=True, exist_ok=True)
     for world in sorted({SYNTHETIC_CONFIGS[k][0] for e in experiments for k in e.synthetic_runs}):
         ensure_world(setup, world)
-    folders = {}
+    records, missing = {}, []
     with tqdm(total=len(specs) * len(setup.seeds), desc="runs", unit="run", dynamic_ncols=True) as bar:
         for spec in specs:
             for seed in setup.seeds:
                 bar.set_postfix_str(f"{spec.key} seed {seed}")
-                folders.setdefault(spec.key, []).append(ensure_run(setup, spec, seed))
+                record, why = ensure_record(setup, spec, seed, code, command)
+                records.setdefault(spec.key, []).append(record)
+                missing += [why] if why else []
                 bar.update()
-    runs = Runs(setup, folders)
+    if missing:
+        sys.exit(f"error: --from-ledger: {len(missing)} of {len(specs) * len(setup.seeds)} runs have no current record "
+                 f"in {setup.ledger} ({budget_text(setup.budget)}, model code {code['hash']}):\n  "
+                 + "\n  ".join(missing) + "\nrun without --from-ledger to train them (--plan says how long)")
+    runs = Runs(setup, records)
     for experiment in experiments:
         started = time.time()
         section = experiment.build(setup, runs)
-        write_experiment(setup, experiment, section, command, time.time() - started)
+        write_experiment(setup, experiment, section, runs, command, time.time() - started)
         print(f"wrote {setup.out / (experiment.name + '.json')}")
     write_report(setup, command)
     print(f"wrote {setup.out / 'REPORT.md'}")

@@ -1,9 +1,12 @@
 """experiments.py on tiny synthetic runs (seconds): every table builder, the statistics, the
-structure-recovery metrics, the figures, reuse and resume of run folders."""
+structure-recovery metrics, the figures, the ledger (records read first, reports rebuilt from it
+alone, stale records retrained), reuse and resume of run folders."""
 
 import csv
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +14,9 @@ from scipy import stats
 
 import data as datalib
 from datasets import synthetic
-from analysis import experiments as ex
+from analysis import experiments as ex, ledger
 import train
+from test_ledger import copy_model_code
 from test_train import TINY
 
 # The tiny model of test_train.py, without its N_m (the configurations set their own), trained for 2 steps.
@@ -30,10 +34,12 @@ def worlds(tmp_path_factory):
     return root
 
 
-def experiment_argv(worlds, out, *names):
+def experiment_argv(worlds, out, *names, ledger=None):
+    """The experiments on the tiny worlds, with a ledger of their own (OUT/ledger unless given):
+    never the repository's."""
     return [*names, "--budget", "quick", "--seeds", *SEEDS, "--out", str(out), "--data", "synthetic",
             "--data-dir", str(worlds / "synthetic"), "--synthetic-dir", str(worlds),
-            "--train-args", " ".join(TINY_TRAINING)]
+            "--train-args", " ".join(TINY_TRAINING), "--ledger", str(ledger or Path(out) / "ledger")]
 
 
 @pytest.fixture(scope="module")
@@ -367,15 +373,118 @@ def test_report_has_every_experiment_in_the_paper_order(everything):
     assert "--epochs 1 --max-steps 60" in report and "paper" in report
 
 
-def test_finished_runs_are_reused_and_interrupted_ones_resumed(everything, worlds, monkeypatch):
+def test_quick_is_a_smoke_test_in_every_json_table_and_report(everything):
+    for e in ex.EXPERIMENTS:
+        numbers = read(everything, e.name)
+        assert (numbers["budget"], numbers["smoke_test"], numbers["seeds"]) == ("quick", True, [int(s) for s in SEEDS])
+        assert ex.SMOKE_TEST_NOTE in numbers["markdown"] and len(numbers["records"]) >= 2
+        assert all(r["budget"] == "quick" for r in numbers["records"].values())
+    assert read(everything, "table2")["markdown"].count("SMOKE TEST (quick budget), not a result") == 1
+    assert read(everything, "tables7-8")["markdown"].count("SMOKE TEST (quick budget), not a result") == 2
+    with open(everything / "table3.csv") as f:
+        ours = [line for line in csv.DictReader(f) if line["source"] == "ours"]
+    assert ours and all(line["smoke_test"] == "True" and line["budget"] == "quick" for line in ours)
+    assert "not judged (smoke test)" in read(everything, "structure-recovery")["markdown"]
+    assert (everything / "REPORT.md").read_text().startswith(f"# PlanRec experiments\n\n{ex.SMOKE_TEST_NOTE}")
+    row = dict(read(everything, "table6")["rows"][0], smoke_test=False)       # a table of other runs is no smoke test
+    assert "SMOKE" not in ex.markdown_table("Table 6", [row])
+
+
+def test_every_run_is_recorded_in_the_ledger(everything):
+    records = sorted((everything / "ledger").glob("*.npz"))
+    assert len(records) == 29 * len(SEEDS) and not list((everything / "ledger").glob("*.tmp"))
+    planrec_ui = [ledger.read_record(p) for p in records if p.name.startswith("synthetic-planrec-ui-")]
+    assert len(planrec_ui) == 2 and all(r.structure()["keep_prob_A"].shape == (40, 4, 4) for r in planrec_ui)
+    meta = planrec_ui[0].meta
+    assert meta["provenance"] == "trained" and meta["code"] == ledger.code_fingerprint() and meta["budget"] == "quick"
+    assert meta["command"]["train"].startswith("python train.py --data synthetic --seed")
+    assert meta["metrics"]["epochs"][0]["valid"]["personalization"]["uncertainty_mean"] > 0
+
+
+def test_every_report_is_rebuilt_from_the_ledger_alone(everything, worlds, tmp_path, monkeypatch):
+    """--from-ledger with the run folders gone: nothing is trained, and every JSON, CSV, figure and
+    the report are those built when the runs were trained; the numbers are those of the run files."""
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"--from-ledger trained {argv}"))
+    hidden = tmp_path / "runs-hidden"
+    shutil.move(everything / "runs", hidden)
+    try:
+        rebuilt = tmp_path / "rebuilt"
+        ex.main(experiment_argv(worlds, rebuilt, "all", "--from-ledger", ledger=everything / "ledger"))
+    finally:
+        shutil.move(hidden, everything / "runs")
+    assert not (rebuilt / "runs").exists()
+    for e in ex.EXPERIMENTS:
+        built, again = read(everything, e.name), read(rebuilt, e.name)
+        for numbers in (built, again):
+            del numbers["command"], numbers["wall_s_build"]
+        assert again == built, e.name
+        for name in again["tables"] + again["figures"]:
+            assert (rebuilt / name).read_bytes() == (everything / name).read_bytes(), name
+    report = lambda out: [line for line in (out / "REPORT.md").read_text().splitlines() if not line.startswith("Last command")]
+    assert report(rebuilt) == report(everything)
+    # ... and the numbers are those of the run folders' own files.
+    folder = everything / "runs" / "synthetic-planrec-seed0"
+    data = ex.load_data("synthetic", str(worlds / "synthetic"))
+    consistency = datalib.interest_consistency(data.item_seq, data.user_offsets, data.item_attrs["genres"])
+    with np.load(folder / "test_scores.npz") as f:
+        certainty = 1.0 - ex.min_max(f["uncertainty"].mean(1))
+        ranking = datalib.ranking_metrics(f["scores"])
+    assert read(rebuilt, "figure3")["per_seed"][0]["consistency"]["pearson"] == list(
+        ex.correlation(ex.min_max(consistency), certainty))
+    assert read(rebuilt, "table2")["rows"][2]["metrics"]["auc"]["per_seed"][0] == ranking["auc"]
+    with np.load(everything / "runs" / "synth-sr-main-seed1" / "structures.npz") as s:
+        truth = synthetic.load_ground_truth(worlds / "synthetic")
+        direct = ex.structure_metrics(s["shared_A"], s["factor_names"], s["keep_prob_A"], s["user_ids"], truth)
+    assert read(rebuilt, "structure-recovery")["rows"][0]["per_seed"][1]["deviation_auc"] == direct["deviation_auc"]
+
+
+def test_from_ledger_stops_listing_what_is_missing(everything, worlds, tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"--from-ledger trained {argv}"))
+    argv = experiment_argv(worlds, tmp_path / "more", "table2", "--from-ledger", ledger=everything / "ledger")
+    seeds = argv.index("--seeds")
+    with pytest.raises(SystemExit, match=r"2 of 4 runs have no current record.*\n  synthetic-planrec seed 7: no record"):
+        ex.main(argv[:seeds + 1] + ["0", "7"] + argv[seeds + 3:])
+    rows = ex.main(argv[:seeds + 1] + ["0", "7"] + argv[seeds + 3:] + ["--plan"])
+    assert sorted(state for _, state, _ in rows) == ["ledger", "ledger", "missing", "missing"]
+
+
+def test_a_record_of_other_model_code_is_not_reused(everything, worlds, tmp_path, monkeypatch):
+    [path] = (everything / "ledger").glob("synthetic-vae-seed0-*.npz")
+    record = ledger.read_record(path)
+    changed = copy_model_code(tmp_path / "other-commit")
+    planrec_py = changed / "planrec.py"
+    planrec_py.write_text(planrec_py.read_text() + "\nEDGE_THRESHOLD = 0.5\n")
+    other = ledger.code_fingerprint(changed)
+    assert ledger.code_differences(other, ledger.code_fingerprint()) == ["planrec.py"]
+    ledger.write_record(path, {**record.meta, "code": other}, record.arrays)       # as if trained at that commit
+
+    states = {state: where for where, state, _ in ex.main(experiment_argv(worlds, everything, "table2", "--plan"))}
+    assert set(states) == {"ledger", "stale"} and "STALE: planrec.py differ" in states["stale"]
+    with pytest.raises(SystemExit, match="synthetic-vae seed 0: STALE: planrec.py differ"):
+        ex.main(experiment_argv(worlds, tmp_path / "rebuilt", "table2", "--from-ledger", ledger=everything / "ledger"))
+    calls = []
+    original = train.main
+    monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or original(argv))
+    ex.main(experiment_argv(worlds, everything, "table2"))
+    assert len(calls) == 1 and "--resume" not in calls[0] and str(everything / "runs" / "synthetic-vae-seed0") in calls[0]
+    assert ledger.read_record(path).meta["code"] == ledger.code_fingerprint()
+
+
+def test_recorded_runs_are_not_trained_and_interrupted_ones_resumed(everything, worlds, monkeypatch, tmp_path):
     calls = []
     original = train.main
     monkeypatch.setattr(train, "main", lambda argv: calls.append(argv) or original(argv))
     interrupted = everything / "runs" / "synthetic-vae-seed1"
+    shutil.move(interrupted, tmp_path / "gone")                 # the ledger is read first: no folder is needed
+    ex.main(experiment_argv(worlds, everything, "table2"))
+    assert calls == [] and not interrupted.exists()
+    shutil.move(tmp_path / "gone", interrupted)
     (interrupted / "metrics.json").unlink()
+    [path] = (everything / "ledger").glob("synthetic-vae-seed1-*.npz")
+    path.unlink()
     ex.main(experiment_argv(worlds, everything, "table2"))
     assert len(calls) == 1 and "--resume" in calls[0] and str(interrupted) in calls[0]
-    assert (interrupted / "metrics.json").is_file()
+    assert (interrupted / "metrics.json").is_file() and ledger.read_record(path).meta["provenance"] == "resumed"
 
 
 def test_reuse_run_uses_other_folders_and_checks_the_model(everything, worlds, tmp_path):
@@ -384,6 +493,9 @@ def test_reuse_run_uses_other_folders_and_checks_the_model(everything, worlds, t
     argv = experiment_argv(worlds, out, "figure3") + ["--reuse-run", f"synthetic-planrec={pattern}"]
     ex.main(argv)
     assert not (out / "runs").exists() and read(out, "figure3")["per_seed"]
+    assert read(out, "figure3") | {"command": 0, "wall_s_build": 0, "records": 0, "ledger": 0} == read(
+        everything, "figure3") | {"command": 0, "wall_s_build": 0, "records": 0, "ledger": 0}
+    assert {r.meta["provenance"] for r in map(ledger.read_record, (out / "ledger").glob("*.npz"))} == {"folder"}
     wrong = str(everything / "runs" / "synthetic-vae-seed{seed}")
     with pytest.raises(SystemExit, match="another configuration"):
         ex.main(experiment_argv(worlds, tmp_path / "wrong", "figure3") + ["--reuse-run", f"synthetic-planrec={wrong}"])
@@ -394,6 +506,8 @@ def test_missing_test_scores_are_regenerated_from_best_pt(everything, worlds):
     with np.load(folder / "test_scores.npz") as f:
         before = {k: f[k] for k in f.files}
     (folder / "test_scores.npz").unlink()
+    for path in (everything / "ledger").glob("synthetic-planrec-seed0-*.npz"):
+        path.unlink()                                           # else the ledger is read, not the folder
     ex.main(experiment_argv(worlds, everything, "figure3"))
     with np.load(folder / "test_scores.npz") as f:
         np.testing.assert_array_equal(f["scores"], before["scores"])

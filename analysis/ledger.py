@@ -1,0 +1,340 @@
+"""The ledger: one small record per finished training run, committed with the code in ledger/, so
+that a result outlives the machine that trained it and every analysis can be rebuilt from it
+without training (`python -m analysis.experiments all --from-ledger --out DIR`).
+
+A record is one file, ledger/<key>-seed<N>-<identity hash>.npz: an .npz with LZMA-compressed
+members (np.load reads it), written atomically (a temporary file beside it, then a rename). Members:
+
+    meta                  JSON text, below
+    user_ids [U]          the dataset's own user ids, in data order
+    test_rank [U]         uint8: how many of the user's negatives score at least as high as the test
+                          positive. Every per-user metric of data.per_user_metrics (AUC, Recall@k,
+                          NDCG@k; ties count against the positive) is a function of it, so
+                          `Record.per_user_metrics()` gives them exactly, and the table means with them
+    test_uncertainty [U]  float32: sigma(Var / beta) of Eq. (17) averaged over the user's candidates,
+                          as Figure 3 averages it (personalized runs only)
+    structure.shared_A [N, N] float32, structure.factor_names [N], structure.keep_prob_A [U, N, N]
+                          float16 (exact: export_structures' keep probabilities are means of 256 0/1
+                          draws), from structures.npz, for runs whose structures an analysis reads
+
+meta holds: the run's identity (below), its budget and whether it is a smoke test, the model code's
+fingerprint, the commit and machine it was trained on, the command, provenance, wall time, and the
+run's whole metrics.json ("metrics": train.py's args and Config, per-epoch losses and validation
+metrics with the personalization statistics, test metrics with attribute accuracies and
+personalization, popularity baseline, wall_s). The scores themselves (101 floats per user) are not
+kept: no analysis needs more than the rank of the positive.
+
+Identity. A run is what determines its numbers apart from the code: train.py's arguments (all but
+where it writes and how it computes: out, data_dir, threads, device, kernel, and the eval/resume
+switches), the resolved planrec Config, a fingerprint of the dataset (sizes and a SHA-256 of its
+sequences, splits, evaluation candidates and attributes) and the experiments budget. Its hash names
+the file, so a run re-recorded with new code replaces its stale record (git keeps the old one).
+
+Reuse. A record is reused where its identity matches and its code fingerprint equals the code's now.
+The fingerprint is a SHA-256 per file of MODEL_CODE, the files that determine a run's numbers
+(the model, the protocol and metrics, the training loop and evaluation, the kernels, the dataset
+preparation, the attribute targets and the exported statistics), each parsed and unparsed without
+docstrings, so comments, docstrings and formatting do not count and any change to the code does.
+The commit is stored but not compared: a record from another commit is reused when those files
+compute the same, and one from the same commit with uncommitted model changes is not. A record
+whose code differs is stale: never reused, listed with the files that differ (`--plan`). The
+machine (CPU, GPU, torch, threads) is stored, not compared: one configuration trained elsewhere
+counts, although its floats are not bit for bit those of this machine. A run folder finished
+before this invocation is recorded with today's fingerprint unless its metrics.json carries its
+own ("code"): experiments.py has always assumed such a folder comes from the current code, and the
+record says so ("code_assumed": true).
+
+    python -m analysis.ledger [DIR]      # list the records (default: the repository's ledger/)
+"""
+
+import ast
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+import data as datalib
+
+FORMAT = 1
+ROOT = Path(__file__).resolve().parents[1]
+LEDGER = ROOT / "ledger"
+MODEL_CODE = ("planrec.py", "data.py", "train.py", "kernels/*.py", "datasets/*.py", "analysis/attributes.py",
+              "analysis/diagnostics.py")
+# train.py arguments that say where a run writes or how it is computed, not what it computes.
+NOT_IDENTITY = ("out", "data_dir", "threads", "device", "kernel", "resume", "eval_only", "checkpoint", "export")
+
+
+# ------------------------------------------------------------------------------------------------
+# Fingerprints: code, data, identity
+# ------------------------------------------------------------------------------------------------
+
+def source_hash(path):
+    """SHA-256 of a Python file's code without docstrings, comments and formatting."""
+    tree = ast.parse(Path(path).read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def code_fingerprint(root=ROOT):
+    """{'hash': ..., 'files': {path: hash}} of MODEL_CODE under root. Cached: experiments.py takes
+    it once at its start, the code Python has loaded, before any training."""
+    root = Path(root)
+    files = sorted({p for pattern in MODEL_CODE for p in root.glob(pattern)})
+    hashes = {p.relative_to(root).as_posix(): source_hash(p) for p in files}
+    return {"hash": hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16], "files": hashes}
+
+
+def code_differences(stored, now):
+    """The MODEL_CODE files whose hash differs between two fingerprints (added or removed too)."""
+    a, b = stored.get("files", {}), now["files"]
+    return sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+
+
+def data_fingerprint(data):
+    """Sizes and a SHA-256 of what a run reads from its dataset (data.RecData)."""
+    digest = hashlib.sha256()
+    arrays = [data.item_seq, data.user_offsets, data.train_pos, data.valid_pos, data.test_pos,
+              data.valid_candidates, data.test_candidates, data.raw_user_ids]
+    arrays += [attrs[k] for attrs in (data.user_attrs, data.item_attrs) for k in sorted(attrs)]
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(a.tobytes())
+    return {"name": data.name, "n_users": int(data.n_users), "n_items": int(data.n_items),
+            "n_interactions": int(len(data.item_seq)), "sha256": digest.hexdigest()[:16]}
+
+
+def plain(value):
+    """JSON-normalized: what a value reads back as from JSON (tuples as lists, ...)."""
+    return json.loads(json.dumps(value))
+
+
+def identity(args, config, data, budget):
+    """A run's identity: train.py's args (a dict, without NOT_IDENTITY), the Config dict, the data
+    fingerprint and the experiments budget it was trained under."""
+    args = {k: v for k, v in plain(dict(args)).items() if k not in NOT_IDENTITY}
+    return {"args": args, "config": plain(config), "data": plain(data), "budget": budget}
+
+
+def identity_hash(ident):
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def record_path(directory, key, seed, ident):
+    return Path(directory) / f"{key}-seed{seed}-{identity_hash(ident)}.npz"
+
+
+def file_sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------
+# Provenance: commit and machine
+# ------------------------------------------------------------------------------------------------
+
+def git_commit(root=ROOT):
+    """{'head': full SHA, 'model_code_dirty': whether MODEL_CODE differs from it}, or None without git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=root,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *MODEL_CODE], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"head": head, "model_code_dirty": dirty}
+
+
+def machine(device="cpu"):
+    """The machine a run is trained on, as this process sees it."""
+    import torch
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "numpy": np.__version__, "threads": torch.get_num_threads(), "device": device}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+# ------------------------------------------------------------------------------------------------
+# Records: write atomically, read, find
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Record:
+    path: Path
+    meta: dict
+    arrays: dict
+
+    @property
+    def name(self):
+        return self.path.name
+
+    def per_user_metrics(self):
+        """data.per_user_metrics of the run's test scores, exactly, from the positive's rank."""
+        return datalib.per_user_metrics(rank_scores(self.arrays["test_rank"], self.meta["n_candidates"]))
+
+    def structure(self):
+        """The exported structures as analysis.diagnostics.export_structures wrote them (float32)."""
+        out = {k.split(".", 1)[1]: v for k, v in self.arrays.items() if k.startswith("structure.")}
+        if not out:
+            raise KeyError(f"{self.path} holds no exported structures")
+        if "keep_prob_A" in out:
+            out["keep_prob_A"] = out["keep_prob_A"].astype(np.float32)
+        return {**out, "user_ids": self.arrays["user_ids"]}
+
+
+def test_rank(scores):
+    """[U] how many negatives (columns 1..) score at least as high as the positive (column 0)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if np.isnan(scores).any():
+        raise ValueError("test scores contain NaN; the run diverged")
+    rank = (scores[:, 1:] >= scores[:, :1]).sum(1)
+    return rank.astype(np.min_scalar_type(scores.shape[1]))
+
+
+def rank_scores(rank, n_candidates):
+    """Scores [U, n_candidates] whose positive has exactly `rank` negatives at least as high: the
+    same per-user metrics under data.per_user_metrics as the scores the rank came from."""
+    rank = np.asarray(rank, dtype=np.int64)
+    scores = np.full((len(rank), n_candidates), -1.0)
+    scores[:, 0] = 0.0
+    scores[:, 1:][np.arange(n_candidates - 1) < rank[:, None]] = 1.0
+    return scores
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside path, flushed to disk, then renamed over path: a
+    crash leaves the previous record, or none, never half of one (a leftover *.tmp is never read)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_record(path, meta, arrays):
+    """One record file: meta (JSON) and arrays as LZMA-compressed .npy members."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_LZMA) as z:
+            for name, value in {"meta": np.array(json.dumps(meta)), **arrays}.items():
+                with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+    atomic_write(path, write)
+    return Record(Path(path), plain(meta), dict(arrays))
+
+
+def read_record(path, arrays=True):
+    """The Record at path (arrays=False: meta only, which is quick)."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            loaded = {k: f[k] for k in f.files if k != "meta"} if arrays else {}
+    except Exception as err:    # noqa: BLE001 - any unreadable file gets the same advice
+        raise ValueError(f"{path} is not a readable ledger record ({err}); delete it or restore it from git") from err
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: ledger format {meta.get('format')}, this code reads format {FORMAT}")
+    return Record(Path(path), meta, loaded)
+
+
+def lookup(directory, key, seed, matches, code):
+    """The ledger's answer for one run: ('current', Record) for the newest record of key and seed
+    whose identity satisfies matches(identity) and whose code fingerprint is code's; else
+    ('stale', Record) for the newest such record of other code; else ('missing', None)."""
+    found = [read_record(p, arrays=False) for p in sorted(Path(directory).glob(f"{key}-seed{seed}-*.npz"))]
+    found = sorted((r for r in found if r.meta["key"] == key and r.meta["seed"] == seed and matches(r.meta["identity"])),
+                   key=lambda r: r.meta["recorded_at"], reverse=True)
+    for state in ("current", "stale"):
+        chosen = [r for r in found if (r.meta["code"]["hash"] == code["hash"]) == (state == "current")]
+        if chosen:
+            return state, read_record(chosen[0].path)
+    return "missing", None
+
+
+def record_run(directory, key, seed, ident, folder, structures, provenance, code, command, extra=None):
+    """Record a finished run folder of train.py (metrics.json, test_scores.npz and, with
+    structures, structures.npz) into directory. provenance: 'trained' (by this process), 'resumed'
+    (finished by this process) or 'folder' (finished before; its code, commit and machine are what
+    its metrics.json says, else today's code is assumed and commit and machine are unknown). A record
+    of the same run and code already there is returned as it is (the ledger only changes with runs)."""
+    folder, path = Path(folder), record_path(directory, key, seed, ident)
+    metrics, sha = json.loads((folder / "metrics.json").read_text()), file_sha(folder / "metrics.json")
+    run_code = metrics.get("code") or code
+    if path.is_file():
+        old = read_record(path)
+        if old.meta["metrics_sha256"] == sha and old.meta["code"]["hash"] == run_code["hash"]:
+            return old
+    with np.load(folder / "test_scores.npz") as f:
+        arrays = {"user_ids": f["user_ids"], "test_rank": test_rank(f["scores"])}
+        n_candidates = int(f["scores"].shape[1])
+        if "uncertainty" in f.files:
+            arrays["test_uncertainty"] = f["uncertainty"].mean(1)        # float32, as Figure 3 averages it
+    if structures:
+        with np.load(folder / "structures.npz") as s:
+            if not np.array_equal(s["user_ids"], arrays["user_ids"]):
+                raise ValueError(f"{folder}: structures.npz and test_scores.npz hold other users")
+            arrays["structure.shared_A"] = s["shared_A"].astype(np.float32)
+            arrays["structure.factor_names"] = s["factor_names"]
+            if "keep_prob_A" in s.files:
+                arrays["structure.keep_prob_A"] = s["keep_prob_A"].astype(np.float16)
+    here = provenance != "folder"
+    meta = {"format": FORMAT, "key": key, "seed": seed, "identity": ident, "budget": ident["budget"],
+            "smoke_test": ident["budget"] == "quick",
+            "code": run_code, "code_assumed": not here and not metrics.get("code"),
+            "commit": git_commit() if here else metrics.get("commit"),
+            "machine": machine(metrics.get("device", "cpu")) if here else metrics.get("machine"),
+            "command": command, "provenance": provenance, "folder": str(folder),
+            "metrics_sha256": sha, "wall_s": metrics.get("wall_s"),
+            "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "n_candidates": n_candidates,
+            **(extra or {}), "metrics": metrics}
+    return write_record(path, meta, arrays)
+
+
+# ------------------------------------------------------------------------------------------------
+# Listing
+# ------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    directory = Path(argv[0]) if argv else LEDGER
+    code = code_fingerprint()
+    paths = sorted(directory.glob("*.npz"))
+    print(f"{len(paths)} records in {directory}; model code {code['hash']}")
+    for path in paths:
+        meta = read_record(path, arrays=False).meta
+        stale = code_differences(meta["code"], code)
+        test = meta["metrics"]["test"]
+        print(f"{path.name:50s} {meta['budget']:6s} N@10 {test['ndcg@10']:.4f}  {meta['wall_s'] or 0:6.0f} s  "
+              f"{(meta['commit'] or {}).get('head', 'unknown')[:10]:10s} {path.stat().st_size / 1024:5.0f} KB  "
+              + (f"STALE ({', '.join(stale)} differ)" if stale else "current"))
+    return paths
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""The ledger (analysis/ledger.py) on hand-made run folders: the round trip of every number the
+analyses read, the size of a record of ML-1M's size, atomic writes under a crash, the code
+fingerprint that decides reuse, and the lookup of current, stale and missing records."""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import data as datalib
+import planrec
+import train
+from analysis import ledger
+
+ML1M_USERS, CANDIDATES, N = 6040, 101, 8
+
+
+def copy_model_code(root):
+    """A copy of the files that make up the model code (ledger.MODEL_CODE) under root."""
+    for pattern in ledger.MODEL_CODE:
+        for path in ledger.ROOT.glob(pattern):
+            target = root / path.relative_to(ledger.ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    return root
+
+
+def make_run_folder(folder, n_users=ML1M_USERS, structures=True, seed=0):
+    """A finished run folder as train.main and export_structures write it, of a personalized
+    model on ML-1M: a plausible spread of ranks (ties included), uncertainty in [0.5, 0.7] and keep
+    probabilities that are means of 256 draws around a shared structure."""
+    rng = np.random.default_rng(seed)
+    scores = rng.normal(size=(n_users, CANDIDATES)).astype(np.float32)
+    scores[:, 0] += rng.gamma(2.0, 1.0, n_users).astype(np.float32)
+    scores[::7, 5] = scores[::7, 0]                                  # ties count against the positive
+    uncertainty = (0.5 + 0.2 * rng.random((n_users, CANDIDATES))).astype(np.float32)
+    user_ids = np.arange(1, n_users + 1)
+    train.write_npz(folder / "test_scores.npz", {"user_ids": user_ids, "scores": scores, "uncertainty": uncertainty})
+    if structures:
+        logits = rng.normal(0, 2, (N, N)) + rng.normal(0, 0.5, (n_users, N, N))
+        keep = rng.binomial(256, 1 / (1 + np.exp(-logits))) / 256
+        keep[:, np.arange(N), np.arange(N)] = 0
+        train.write_npz(folder / "structures.npz", {
+            "factor_names": np.array([f"user_{k}" for k in range(4)] + [f"item_{k}" for k in range(4, 8)]),
+            "user_ids": user_ids, "activeness": rng.integers(20, 2000, n_users), "shared_A": rng.normal(size=(N, N)).astype(np.float32),
+            "keep_prob_A": keep.astype(np.float32), "keep_prob_e": rng.random((n_users, N)).astype(np.float32),
+            "mask_logits_A": logits.astype(np.float32), "mask_logits_e": rng.normal(size=(n_users, N)).astype(np.float32),
+            "uncertainty": uncertainty.mean(1)})
+    args = train.parse_args(["--data", "ml-1m", "--seed", str(seed), "--out", str(folder)])
+    metrics = datalib.ranking_metrics(scores)
+    personalization = {"uncertainty_mean": 0.6, "uncertainty_p10": 0.52, "uncertainty_p50": 0.6, "uncertainty_p90": 0.68,
+                       "personal_weight_mean": 0.4, "distinct_masks_mean": 7.9, "mask_on_shared_support": 0.7,
+                       "dag": 1e-3, "acyclic": False, "acyclic_threshold": 0.3}
+    epochs = [{"epoch": e, "loss": {"total": 1.0 / e, "recommend": 0.5 / e}, "train_s": 190.0, "eval_s": 20.0,
+               "valid": {**metrics, "personalization": personalization}} for e in (1, 2, 3)]
+    train.write_json(folder / "metrics.json", {
+        "args": vars(args), "config": planrec.Config(n_users=n_users).to_dict(), "kernel": "eager solves, tuned g",
+        "device": "cpu", "best_epoch": 3, "test": {**metrics, "personalization": personalization},
+        "popularity_test": metrics, "epochs": epochs, "wall_s": 700.0})
+    return folder, args
+
+
+def identity_of(args, budget="full"):
+    return ledger.identity(vars(args), planrec.Config().to_dict(), {"name": "ml-1m", "sha256": "0"}, budget)
+
+
+def record(directory, folder, args, structures=True, provenance="trained", code=None, key="ml-1m-planrec-ui"):
+    return ledger.record_run(directory, key, args.seed, identity_of(args), folder, structures, provenance,
+                             code or ledger.code_fingerprint(), {"experiments": "test", "train": None})
+
+
+def test_round_trip_keeps_every_number_the_analyses_read(tmp_path):
+    folder, args = make_run_folder(tmp_path / "run")
+    written = record(tmp_path / "ledger", folder, args)
+    back = ledger.read_record(written.path)
+    with np.load(folder / "test_scores.npz") as f:
+        scores, uncertainty = f["scores"], f["uncertainty"]
+    expected = datalib.per_user_metrics(scores)
+    got = back.per_user_metrics()
+    assert set(got) == set(expected)
+    for m in expected:                                          # exactly: every table and permutation test
+        np.testing.assert_array_equal(got[m], expected[m])
+    np.testing.assert_array_equal(back.arrays["test_uncertainty"], uncertainty.mean(1))   # Figure 3, bit for bit
+    structure = back.structure()
+    with np.load(folder / "structures.npz") as s:
+        for name in ("shared_A", "keep_prob_A", "factor_names", "user_ids"):
+            np.testing.assert_array_equal(structure[name], s[name])
+    stored = json.loads((folder / "metrics.json").read_text())
+    assert back.meta["metrics"] == stored and back.meta["identity"] == identity_of(args)
+    assert back.meta["code"] == ledger.code_fingerprint() and not back.meta["code_assumed"]
+    assert back.meta["machine"]["threads"] >= 1 and back.meta["machine"]["torch"]
+    assert back.meta["budget"] == "full" and back.meta["smoke_test"] is False
+    # Compact: a record of ML-1M's size (6,040 users, 101 candidates, 8 factors)
+    assert written.path.stat().st_size < 420_000                 # 383 KB, 366 of them keep_prob_A
+    plain = record(tmp_path / "ledger", folder, args, structures=False, key="ml-1m-planrec")
+    assert plain.path.stat().st_size < 40_000 and "structure.keep_prob_A" not in plain.arrays
+
+
+def test_an_unchanged_run_is_not_rewritten_and_a_folder_of_old_is_marked(tmp_path):
+    folder, args = make_run_folder(tmp_path / "run", n_users=50)
+    first = record(tmp_path / "ledger", folder, args, provenance="folder")
+    assert first.meta["code_assumed"] and first.meta["machine"] is None and first.meta["commit"] is None
+    before = first.path.read_bytes()
+    again = record(tmp_path / "ledger", folder, args, provenance="folder")
+    assert again.path == first.path and again.path.read_bytes() == before      # the ledger changes only with runs
+
+
+def test_a_crashed_write_leaves_no_record_that_is_read(tmp_path, monkeypatch):
+    folder, args = make_run_folder(tmp_path / "run", n_users=50)
+    directory = tmp_path / "ledger"
+    good = record(directory, folder, args)
+    good_bytes = good.path.read_bytes()
+    match = lambda i: i == identity_of(args)
+    # An error half way through overwriting it: the previous record stays, nothing else is left.
+    calls = []
+    original = np.lib.format.write_array
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return original(*a, **k)
+    monkeypatch.setattr(np.lib.format, "write_array", failing)
+    with pytest.raises(OSError, match="disk full"):
+        ledger.write_record(good.path, {**good.meta, "wall_s": 1.0}, good.arrays)
+    monkeypatch.undo()
+    assert sorted(p.name for p in directory.iterdir()) == [good.path.name]
+    assert good.path.read_bytes() == good_bytes
+    # A process killed half way through writing a new record: its temporary file stays behind and
+    # is never read; the lookup still finds the previous record.
+    other = ledger.record_path(directory, "ml-1m-planrec-ui", args.seed, {**identity_of(args), "budget": "quick"})
+    script = textwrap.dedent(f"""
+        import os, numpy as np
+        from analysis import ledger
+        original, calls = np.lib.format.write_array, []
+        def dying(f, a, **k):
+            calls.append(1)
+            if len(calls) == 2:
+                f.write(b"half a member")
+                f.flush()
+                os._exit(9)
+            return original(f, a, **k)
+        np.lib.format.write_array = dying
+        record = ledger.read_record({str(good.path)!r})
+        ledger.write_record({str(other)!r}, {{**record.meta, "budget": "quick"}}, record.arrays)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], cwd=ledger.ROOT, capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    left = sorted(p.name for p in directory.iterdir())
+    assert len(left) == 2 and left[0] == good.path.name and left[1].endswith(".tmp") and not other.exists()
+    state, found = ledger.lookup(directory, "ml-1m-planrec-ui", args.seed, lambda i: True, ledger.code_fingerprint())
+    assert state == "current" and found.path == good.path
+    assert ledger.lookup(directory, "ml-1m-planrec-ui", args.seed, match, ledger.code_fingerprint())[1].path == good.path
+    assert [p.name for p in ledger.main([str(directory)])] == [good.path.name]
+
+
+def test_the_code_fingerprint_changes_with_the_code_not_with_its_comments(tmp_path):
+    root = copy_model_code(tmp_path / "repo")
+    now = ledger.code_fingerprint(root)
+    assert now == ledger.code_fingerprint() and "planrec.py" in now["files"] and "kernels/factor_mlps.py" in now["files"]
+    path = root / "planrec.py"
+    source = path.read_text()
+    path.write_text(source.replace('"""', '"""Another docstring line. ', 1) + "\n# a comment\n\n\n")
+    assert ledger.code_fingerprint.__wrapped__(root) == now                 # docstrings, comments, blank lines
+    path.write_text(source.replace("k_A: int = 28", "k_A: int = 27"))
+    changed = ledger.code_fingerprint.__wrapped__(root)
+    assert changed["hash"] != now["hash"] and ledger.code_differences(changed, now) == ["planrec.py"]
+    (root / "kernels" / "new_kernel.py").write_text("X = 1\n")
+    assert ledger.code_differences(ledger.code_fingerprint.__wrapped__(root), now) == ["kernels/new_kernel.py",
+                                                                                   "planrec.py"]
+
+
+def test_lookup_tells_current_stale_and_missing(tmp_path):
+    folder, args = make_run_folder(tmp_path / "run", n_users=50)
+    directory, code = tmp_path / "ledger", ledger.code_fingerprint()
+    other_code = {"hash": "0" * 16, "files": {**code["files"], "train.py": "0" * 16}}
+    ident = identity_of(args)
+    match = lambda i: i == ident
+    assert ledger.lookup(directory, "ml-1m-planrec-ui", 0, match, code) == ("missing", None)
+    stale = record(directory, folder, args, code=other_code)
+    state, found = ledger.lookup(directory, "ml-1m-planrec-ui", 0, match, code)
+    assert state == "stale" and found.path == stale.path and ledger.code_differences(found.meta["code"], code) == ["train.py"]
+    current = record(directory, folder, args)                             # the same run, recorded with today's code
+    assert current.path == stale.path                                      # replaces the stale record
+    assert ledger.lookup(directory, "ml-1m-planrec-ui", 0, match, code)[0] == "current"
+    assert ledger.lookup(directory, "ml-1m-planrec-ui", 1, match, code)[0] == "missing"           # other seed
+    assert ledger.lookup(directory, "ml-1m-planrec-ui", 0, lambda i: i["args"]["lr"] == 0.5, code)[0] == "missing"
+
+
+def test_identity_is_what_a_run_computes_not_where_or_how():
+    args = train.parse_args(["--data", "ml-1m", "--seed", "0"])
+    moved = train.parse_args(["--data", "ml-1m", "--seed", "0", "--out", "elsewhere", "--threads", "2",
+                              "--data-dir", "/data", "--device", "cpu", "--kernel", "eager"])
+    assert ledger.identity_hash(identity_of(args)) == ledger.identity_hash(identity_of(moved))
+    for other in (["--lr", "0.02"], ["--seed", "1"], ["--max-steps", "60"], ["--preset", "vae_base"]):
+        changed = train.parse_args(["--data", "ml-1m", "--seed", "0", *other])
+        assert ledger.identity_hash(identity_of(changed)) != ledger.identity_hash(identity_of(args)), other
+    assert ledger.identity_hash(identity_of(args, "quick")) != ledger.identity_hash(identity_of(args, "full"))
+
+
+def test_rank_scores_have_the_per_user_metrics_of_their_rank():
+    rank = np.array([0, 1, 4, 9, 10, 100], dtype=np.uint8)
+    metrics = datalib.per_user_metrics(ledger.rank_scores(rank, CANDIDATES))
+    np.testing.assert_array_equal(metrics["recall@10"], [1, 1, 1, 1, 0, 0])
+    np.testing.assert_allclose(metrics["ndcg@5"], [1, 1 / np.log2(3), 1 / np.log2(6), 0, 0, 0])
+    np.testing.assert_allclose(metrics["auc"], 1 - rank / 100)
+    np.testing.assert_array_equal(ledger.test_rank(ledger.rank_scores(rank, CANDIDATES)), rank)
