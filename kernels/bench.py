@@ -5,6 +5,8 @@
     python -m kernels.bench --no-compile          # skip the torch.compile rows (slow to compile)
     python -m kernels.bench --poison              # fused with the NaN fill the tests use
     python -m kernels.bench --sweep               # the fused kernel's rows/examples per program x warps
+    python -m kernels.bench --ablations --no-compile --B 65536 --Nm 8 --N 8 --d 8 --modes fwd
+                                                  # what bounds the kernel (issue 21)
 
 Implementations ("impl" column). The first five get IDENTICAL inputs, the noise included
 (uniform_A, uniform_e drawn once per shape), so each computes the same function on the same
@@ -19,6 +21,19 @@ data:
 The model's own path draws the noise inside the op; two more rows time that:
     fused_philox        the fused kernel with a seed: Philox noise drawn in the kernel
     eager_rand          planrec.personalized_scm drawing its noise with torch.rand
+One more row times the fused op inside a compiled graph (with the torch.compile rows):
+    fused_cudagraphs    torch.compile(kernels.personalized_scm, mode="reduce-overhead"): the
+                        registered op replayed from a CUDA graph, without the host's per-call cost
+Ablations (--ablations, or named in --impls; forward only): the model path (fused_philox) with one
+part of the work removed, to say what bounds the kernel. All but the first compute WRONG
+results on purpose, so they are checked only for their mask counts ("ablation" in the check
+column); the difference to fused_philox is the cost of the part removed:
+    fused_philox_nogather       rows and columns of register tiles read by masked sums instead
+                                of tl.gather (correct, checked like fused_philox; fwd and fwdbwd)
+    ablate_fixed_mask           no top-K: the first k candidates (the noise still drawn)
+    ablate_no_solve             no elimination: e* = mask_e * z
+    ablate_fixed_mask_no_solve  neither: noise, loads and stores only
+(uniforms given vs drawn is fused vs fused_philox.) report_ablations prints the differences.
 
 Before an implementation is timed at a shape, its outputs (and, for fwdbwd, its gradients) are
 checked at that exact shape against eager_solve on the same inputs (fused_philox against
@@ -66,8 +81,14 @@ FULL_GRID = dict(B=[1024, 4096, 16384, 65536], Nm=[1, 4, 8, 16], N=[4, 8, 16], d
 CPU_GRID = dict(B=[256, 1024], Nm=[1, 8], N=[4, 8], d=[8])
 FIELDS = ["device", "B", "N_m", "N", "d", "k_A", "k_e", "mode", "impl", "median_ms", "min_bytes",
           "achieved_GBps", "frac_copy_bw", "speedup_vs_eager", "check", "note"]
-SAME_INPUT_IMPLS = ["fused", "eager_solve", "eager_solve_ex", "compile", "compile_cudagraphs"]
+SAME_INPUT_IMPLS = ["fused", "eager_solve", "eager_solve_ex", "compile", "compile_cudagraphs", "fused_cudagraphs"]
 MODEL_PATH_IMPLS = ["fused_philox", "eager_rand"]
+# launch variants of the model path (kernels.personalized_scm.Blocks fields), see the docstring
+ABLATIONS = {"fused_philox_nogather": dict(gather=False),
+             "ablate_fixed_mask": dict(ablation=1),
+             "ablate_no_solve": dict(ablation=2),
+             "ablate_fixed_mask_no_solve": dict(ablation=3)}
+ABLATION_IMPLS = list(ABLATIONS)
 TAU = 1.0
 SEED = 1234
 
@@ -115,10 +136,25 @@ def make_case(B, S, N, d, device):
     return dict(z=z, A=A, la=la, le=le, uA=uA, ue=ue, up=[u.to(device) for u in up])
 
 
+def seeded(impl):
+    """Rows whose noise the kernel draws from SEED (the model path and its variants)."""
+    return impl == "fused_philox" or impl in ABLATIONS
+
+
+def fused_variant(blocks):
+    """kernels.personalized_scm's plain path with launch Blocks (the sweep's and the ablations' rows)."""
+    kmod = importlib.import_module("kernels.personalized_scm")
+
+    def fn(z, A, la, le, S, k_A, k_e, tau=1.0, uA=None, ue=None, seed=None):
+        return kmod.PersonalizedSCMFunction.apply(z, A, la, le, S, k_A, k_e, float(tau), uA, ue,
+                                                  SEED if seed is None else seed, blocks)
+    return fn
+
+
 def call(impl, fn, case, S, N):
     k_A, k_e = ks(N)
     c = case
-    if impl == "fused_philox":
+    if seeded(impl):
         return fn(c["z"], c["A"], c["la"], c["le"], S, k_A, k_e, TAU, seed=SEED)
     if impl == "eager_rand":
         return fn(c["z"], c["A"], c["la"], c["le"], S, k_A, k_e, TAU)
@@ -129,7 +165,7 @@ def _new_cudagraph_step(impl):
     """Under CUDA graphs (mode="reduce-overhead") each call starts a new step, so the graph may
     overwrite the previous call's outputs instead of keeping them alive."""
     mark_step = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
-    if impl == "compile_cudagraphs" and mark_step is not None:
+    if impl.endswith("cudagraphs") and mark_step is not None:
         mark_step()
 
 
@@ -177,6 +213,8 @@ def check(impl, fn, case, S, N, mode, reference):
                  and torch.all(torch.diagonal(mask_A, dim1=-2, dim2=-1) == 0))
     if not counts_ok:
         return "masks do not have exactly k_A / k_e ones off the diagonal"
+    if impl.startswith("ablate_"):    # wrong on purpose: only the counts are checked
+        return None
     if impl == "eager_rand":          # its code is the reference: check what it must satisfy
         system = torch.eye(N, device=mask_A.device) - (mask_A * case["A"]).transpose(-1, -2)
         residual = (system @ out[0] - mask_e[..., None] * case["z"].detach()[:, None]).abs().max().item()
@@ -224,9 +262,15 @@ def implementations(args, kmod):
     if not args.no_compile:
         impls["compile"] = torch.compile(eager_solve_ex, dynamic=False)
         impls["compile_cudagraphs"] = torch.compile(eager_solve_ex, mode="reduce-overhead", dynamic=False)
+        impls["fused_cudagraphs"] = torch.compile(kmod.personalized_scm, mode="reduce-overhead", dynamic=False)
     impls["fused_philox"] = kmod.personalized_scm
     impls["eager_rand"] = planrec.personalized_scm
-    return {k: v for k, v in impls.items() if not args.impls or k in args.impls}
+    for name, fields in ABLATIONS.items():
+        if fields.get("gather") is False and not kmod.HAS_GATHER:
+            continue                    # without tl.gather the default already is the masked sums
+        impls[name] = fused_variant(kmod.Blocks(**fields))
+    wanted = args.impls or [k for k in impls if k not in ABLATIONS or args.ablations]
+    return {k: v for k, v in impls.items() if k in wanted}
 
 
 def bench_cuda(grid, args, writer):
@@ -268,20 +312,24 @@ def measure_shape(B, S, N, d, impls, modes, device, time_ms, copy_bw, device_nam
     for mode in modes:
         reference = _outputs_and_grads("eager_solve", planrec.personalized_scm, case, S, N, mode)
         philox_reference = None
-        if "fused_philox" in impls:
+        if any(seeded(impl) for impl in impls):
             uA, ue = kmod.philox_uniforms(B, S, N, SEED, device)
             philox_reference = _outputs_and_grads("eager_solve", planrec.personalized_scm,
                                                   dict(case, uA=uA, ue=ue), S, N, mode)
         times, shape_rows = {}, []
         for impl, fn in impls.items():
+            if mode == "fwdbwd" and impl.startswith("ablate_"):
+                continue                  # the ablations change the forward only
             note, verdict, ms = "", "ok", float("nan")
             try:
-                problem = check(impl, fn, case, S, N, mode, philox_reference if impl == "fused_philox" else reference)
+                problem = check(impl, fn, case, S, N, mode, philox_reference if seeded(impl) else reference)
                 if problem:
                     verdict, note = "WRONG", problem
                     print(f"WRONG: {impl} B={B} N_m={S} N={N} d={d} {mode}: {problem}")
                 else:
                     ms = time_ms(runner(impl, fn, case, S, N, mode), [case["z"], case["la"], case["le"]])
+                    if impl.startswith("ablate_"):
+                        verdict, note = "ablation", "wrong on purpose: mask counts checked only"
             except torch.cuda.OutOfMemoryError:
                 verdict, note = "not run", "out of memory"
             except Exception as exc:       # one failing baseline must not lose the other rows
@@ -297,7 +345,8 @@ def measure_shape(B, S, N, d, impls, modes, device, time_ms, copy_bw, device_nam
                                    achieved_GBps=nbytes / (ms * 1e-3) / 1e9,
                                    frac_copy_bw=nbytes / (ms * 1e-3) / copy_bw, check=verdict, note=note))
         for r in shape_rows:
-            base = times.get("eager_rand" if r["impl"] in MODEL_PATH_IMPLS else "eager_solve", float("nan"))
+            base = times.get("eager_rand" if seeded(r["impl"]) or r["impl"] in MODEL_PATH_IMPLS else "eager_solve",
+                             float("nan"))
             r["speedup_vs_eager"] = base / r["median_ms"]
             writer(r)
         print_rows(shape_rows, header=header and not rows)
@@ -325,10 +374,7 @@ def sweep_blocks(shapes, writer, device="cuda", time_ms=None, copy_bw=None, grid
           f"{kmod.BACKWARD_NUM_WARPS} backward, "
           f"about {kmod.TILE_ELEMENTS} elements per tile")
 
-    def fused_with(blocks):
-        def fn(z, A, la, le, S, k_A, k_e, tau=1.0, uA=None, ue=None):
-            return kmod.PersonalizedSCMFunction.apply(z, A, la, le, S, k_A, k_e, float(tau), uA, ue, SEED, blocks)
-        return fn
+    fused_with = fused_variant
     rows, best_lines = [], []
     for B, S, N, d in shapes:
         variants = {"fwd": {f"fused rows={r} warps={w}": kmod.Blocks(rows=r, warps=w)
@@ -405,8 +451,10 @@ def main(argv=None):
     p.add_argument("--N", type=int, nargs="+")
     p.add_argument("--d", type=int, nargs="+")
     p.add_argument("--modes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
-    p.add_argument("--impls", nargs="+", choices=SAME_INPUT_IMPLS + MODEL_PATH_IMPLS,
-                   help="CUDA: only these implementations (default: all)")
+    p.add_argument("--impls", nargs="+", choices=SAME_INPUT_IMPLS + MODEL_PATH_IMPLS + ABLATION_IMPLS,
+                   help="CUDA: only these implementations (default: all but the ablations)")
+    p.add_argument("--ablations", action="store_true",
+                   help="CUDA: add the ablation rows (what bounds the kernel; see the docstring)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     p.add_argument("--poison", action="store_true", help="fused: NaN-fill the output buffers first, as the tests do")
     p.add_argument("--sweep", action="store_true",
@@ -443,6 +491,7 @@ def main(argv=None):
     print(f"wrote {len(rows)} rows to {args.csv}")
     if cuda and not args.sweep:
         report_goals(rows)
+        report_ablations(rows)
 
 
 def report_goals(rows):
@@ -464,10 +513,45 @@ def report_goals(rows):
         f = ms(4096, 8, 8, 8, "fwdbwd", fused)
         print(f"goal fwdbwd B=4096 N_m=8 N=8 d=8 ({label}): fused {ms(4096, 8, 8, 8, 'fwdbwd', eager) / f:.1f}x eager "
               "(goal 5x)")
+    for mode in ("fwd", "fwdbwd"):
+        graphed = ms(4096, 8, 8, 8, mode, "fused_cudagraphs")
+        if graphed == graphed:          # not NaN: the row was measured
+            print(f"goal {mode:6s} B=4096 N_m=8 N=8 d=8 (same inputs): the fused op replayed from a CUDA graph "
+                  f"{ms(4096, 8, 8, 8, mode, 'eager_solve') / graphed:.1f}x eager, "
+                  f"{ms(4096, 8, 8, 8, mode, 'compile_cudagraphs') / graphed:.1f}x compile+CUDA graphs, "
+                  f"{ms(4096, 8, 8, 8, mode, 'fused') / graphed:.1f}x the fused op called eagerly")
     for r in rows:
         if r["B"] == 65536 and r["mode"] == "fwd" and r["impl"] in ("fused", "fused_philox"):
             print(f"goal fwd    B=65536 N_m={r['N_m']} N={r['N']} d={r['d']} {r['impl']}: "
                   f"{100 * r['frac_copy_bw']:.0f}% of copy bandwidth (goal 50%)")
+
+
+def report_ablations(rows):
+    """One line per forward shape with ablation rows: the time of each part of the model path's
+    forward (fused_philox minus the ablation without it), and the floor the rest leaves."""
+    lines = []
+    fwd = {}
+    for r in rows:
+        if r["mode"] == "fwd" and r["check"] in ("ok", "ablation"):
+            fwd.setdefault((r["B"], r["N_m"], r["N"], r["d"]), {})[r["impl"]] = r
+    for (B, S, N, d), impls in sorted(fwd.items()):
+        if "fused_philox" not in impls or not any(k.startswith("ablate_") for k in impls):
+            continue
+        full = impls["fused_philox"]["median_ms"]
+        parts = [f"fused_philox {full:.4f} ms ({100 * impls['fused_philox']['frac_copy_bw']:.1f}% of copy bw)"]
+        if "fused" in impls:
+            parts.append(f"Philox vs uniforms read {full - impls['fused']['median_ms']:+.4f} ms")
+        for impl, label in [("ablate_fixed_mask", "top-K"), ("ablate_no_solve", "solve")]:
+            if impl in impls:
+                parts.append(f"{label} {full - impls[impl]['median_ms']:.4f} ms")
+        if "ablate_fixed_mask_no_solve" in impls:
+            rest = impls["ablate_fixed_mask_no_solve"]
+            parts.append(f"neither: {rest['median_ms']:.4f} ms ({100 * rest['frac_copy_bw']:.1f}% of copy bw)")
+        if "fused_philox_nogather" in impls:
+            parts.append(f"masked sums instead of tl.gather {impls['fused_philox_nogather']['median_ms'] - full:+.4f} ms")
+        lines.append(f"ablation fwd B={B} N_m={S} N={N} d={d}: " + "; ".join(parts))
+        print(lines[-1])
+    return lines
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# One-shot GPU check of the fused personalized_scm kernel (issues 5 and 10).
+# One-shot GPU check of the fused personalized_scm kernel (issues 5, 10 and 21).
 #
 #   kernels/gpu_check.sh OUTDIR [STEP ...]      (PYTHON=... chooses the interpreter)
 #
 # Steps, in priority order (all of them when none is named):
 #   tests         tests/test_kernels.py natively (TRITON_INTERPRET=0), hypothesis profile
-#                 "native": fixed seed, narrowed shapes, so few cold compiles
+#                 "native": fixed seed, narrowed shapes, so few cold compiles; includes the
+#                 registered op under torch.compile (inductor) and CUDA-graph replays
 #   bench_goal    kernels.bench on the goal shapes (B 4096 and 65536, N_m 8, N 8, d 8): fused and
 #                 eager (solve / solve_ex, noise as input or drawn in the op), each checked
 #                 before it is timed; registers and spills per kernel variant
-#   bench_compile the B 4096 goal shape against torch.compile, with and without CUDA graphs
-#                 (slow cold compiles, so a step of its own)
+#   bench_ablate  what bounds the kernel, at the goal shapes: the model path (fused_philox) against
+#                 uniforms given (fused), no top-K, no elimination, neither, and masked-sum reads
+#                 instead of tl.gather ("ablation" lines in the summary)
+#   bench_compile the B 4096 goal shape against torch.compile, with and without CUDA graphs, and
+#                 the fused op itself replayed from a CUDA graph (fused_cudagraphs); slow cold
+#                 compiles, so a step of its own
 #   train_triton  one epoch of train.py with --kernel triton (ML-1M if its files are present in
 #                 ./data/ml-1m or $PLANREC_DATA/ml-1m, else --data synthetic); TRAIN_MAX_STEPS caps it
 #   train_eager   the same with --kernel eager
@@ -19,9 +24,10 @@
 #   bench_sweep   the fused kernel's launch parameters (rows or examples per program x warps) at the
 #                 goal shapes, to re-tune NUM_WARPS / BACKWARD_NUM_WARPS / TILE_ELEMENTS on a new card
 #
-# Each step gets a generous time limit for cold compiles, capped by what is left of the whole
-# run's budget (GPU_CHECK_BUDGET_S, default 540 s, so that one 10-minute device call always ends
-# with its summary); LIMIT_<step>=seconds overrides a step's own limit. A step whose dependencies
+# Each step gets a time limit for cold compiles, capped by what is left of the whole run's budget
+# (GPU_CHECK_BUDGET_S, default 480 s: one device call of about 8 minutes that always ends with
+# its summary); LIMIT_<step>=seconds overrides a step's own limit. With every step named (the
+# default), the training steps are the ones the budget may skip. A step whose dependencies
 # are missing is skipped and says which; the others
 # still run. Everything goes to OUTDIR: one log per step, CSVs (written row by row), the run
 # folders, summary.txt.
@@ -31,12 +37,12 @@ shift
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-ALL_STEPS="tests bench_goal bench_compile train_triton train_eager bench_grid bench_poison bench_sweep"
+ALL_STEPS="tests bench_goal bench_ablate bench_compile train_triton train_eager bench_grid bench_poison bench_sweep"
 STEPS=${*:-$ALL_STEPS}
 for s in $STEPS; do
     case " $ALL_STEPS " in *" $s "*) ;; *) echo "unknown step $s (steps: $ALL_STEPS)"; exit 2 ;; esac
 done
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
 START=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
@@ -72,13 +78,14 @@ needs() {   # needs STEP -> the dependencies of that step
         train_eager) echo "CUDA numpy tqdm" ;;
     esac
 }
-limit_of() {   # generous limits: cold compiles of ~40 kernel variants, torch.compile per shape
+limit_of() {   # limits with room for cold compiles (~50 kernel variants in the tests, torch.compile per shape)
     # LIMIT_<step>=seconds overrides one step's limit (e.g. LIMIT_tests=120)
     local override
     override=$(printenv "LIMIT_$1")
     [ -n "$override" ] && { echo "$override"; return; }
     case $1 in
-        tests) echo 300 ;; bench_goal) echo 240 ;; bench_compile) echo 240 ;; bench_sweep) echo 240 ;; train_*) echo 240 ;; bench_grid) echo 240 ;; bench_poison) echo 90 ;;
+        tests) echo 200 ;; bench_goal) echo 80 ;; bench_ablate) echo 80 ;; bench_compile) echo 110 ;;
+        train_*) echo 90 ;; bench_grid) echo 150 ;; bench_poison) echo 60 ;; bench_sweep) echo 240 ;;
     esac
 }
 
@@ -138,8 +145,11 @@ for s in $STEPS; do
         tests) step tests env KERNEL_TEST_PROFILE=native "$PY" -m pytest tests/test_kernels.py -p no:cacheprovider \
                    -q --durations=8 ;;
         bench_goal) step bench_goal "$PY" -m kernels.bench --no-compile $GOAL --csv "$OUT/bench_goal.csv" ;;
+        bench_ablate) step bench_ablate "$PY" -m kernels.bench --no-compile --impls fused fused_philox \
+                          fused_philox_nogather ablate_fixed_mask ablate_no_solve ablate_fixed_mask_no_solve \
+                          $GOAL --csv "$OUT/bench_ablate.csv" ;;
         bench_compile) step bench_compile "$PY" -m kernels.bench --impls fused eager_solve eager_solve_ex compile \
-                           compile_cudagraphs --B 4096 --Nm 8 --N 8 --d 8 --csv "$OUT/bench_compile.csv" ;;
+                           compile_cudagraphs fused_cudagraphs --B 4096 --Nm 8 --N 8 --d 8 --csv "$OUT/bench_compile.csv" ;;
         bench_grid) step bench_grid "$PY" -m kernels.bench --no-compile --impls fused eager_solve fused_philox eager_rand \
                         --B 4096 65536 --Nm 1 16 --N 8 16 --d 8 32 --csv "$OUT/bench_grid.csv" ;;
         bench_sweep) step bench_sweep "$PY" -m kernels.bench --sweep --csv "$OUT/bench_sweep.csv" ;;
@@ -151,8 +161,9 @@ for s in $STEPS; do
     esac
 done
 
-echo "== goals, correctness, kernel variants, training" | tee -a "$SUMMARY"
-grep -h "^goal\|^device:\|^WRONG\|^failed\|^kernel variant\|^sweep best" "$OUT"/bench_*.log 2>/dev/null | sort -u | tee -a "$SUMMARY"
+echo "== tests, goals, ablations, correctness, kernel variants, training" | tee -a "$SUMMARY"
+[ -f "$OUT/tests.log" ] && grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1 | sed 's/^/tests: /' | tee -a "$SUMMARY"
+grep -h "^goal\|^ablation\|^device:\|^WRONG\|^failed\|^kernel variant\|^sweep best" "$OUT"/bench_*.log 2>/dev/null | sort -u | tee -a "$SUMMARY"
 for kernel in triton eager; do
     [ -f "$OUT/train_$kernel/metrics.json" ] || continue
     "$PY" -c "
