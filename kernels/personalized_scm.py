@@ -152,7 +152,7 @@ MAX_N = 32
 MAX_SAMPLES = 16
 MAX_BLOCK_C = 32              # columns per chunk: wider z loops over chunks inside the kernel
 DTYPES = (torch.float32, torch.bfloat16)
-# Launch parameters, from `python -m kernels.bench --sweep` on an H200 (BENCHMARKS.md): at
+# Launch parameters, from `python -m kernels.bench --sweep` on an H200 (docs/BENCHMARKS.md): at
 # B = 4096 and 65536, N_m = N = d = 8, 16 rows per program (1024-element tiles) with 4 warps in
 # the forward and 2 in the backward beat every other combination of rows 8-64 x warps 1-8 tried
 # (forward 1.4-1.5x, backward 1.2-2x the old 2048-element tiles with 4 warps, which spilled).
