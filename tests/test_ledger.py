@@ -150,8 +150,9 @@ def test_a_crashed_write_leaves_no_record_that_is_read(tmp_path, monkeypatch):
     """)
     killed = subprocess.run([sys.executable, "-c", script], cwd=ledger.ROOT, capture_output=True, text=True)
     assert killed.returncode == 9, killed.stderr
-    left = sorted(p.name for p in directory.iterdir())
-    assert len(left) == 2 and left[0] == good.path.name and left[1].endswith(".tmp") and not other.exists()
+    left = {p.name for p in directory.iterdir()}
+    temporary = left - {good.path.name}
+    assert good.path.name in left and len(temporary) == 1 and temporary.pop().endswith(".tmp") and not other.exists()
     state, found = ledger.lookup(directory, "ml-1m-planrec-ui", args.seed, lambda i: True, ledger.code_fingerprint())
     assert state == "current" and found.path == good.path
     assert ledger.lookup(directory, "ml-1m-planrec-ui", args.seed, match, ledger.code_fingerprint())[1].path == good.path
