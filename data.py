@@ -35,6 +35,10 @@ import numpy as np
 import datasets
 
 HISTORY_LEN = 50  # paper: "the embeddings of the last 50 clicked items as the user feature"
+# Training positions per sequence chunk in train_sequences (our choice): longer chunks repeat fewer
+# items before their first target (planrec.context_length, 148 by default), shorter ones mix more users
+# into a batch (2,048 positions: about 16 chunks on ML-1M at 256).
+CHUNK_POSITIONS = 256
 N_EVAL_NEGATIVES = 100  # paper: "one hundred randomly sampled items that the user did not consume"
 PROTOCOLS = ("leave-last", "halves")
 USER_GROUPS = ("all", "iid", "ood")  # Table 4(b): users split by interest consistency
@@ -246,16 +250,18 @@ class RecData:
         mine = idx >= start[:, None]  # earlier entries belong to the previous user: padding
         return np.where(mine, self.item_seq[np.maximum(idx, 0)], 0)
 
-    def eval_split(self, split):
-        """(users [n_users], history [n_users, history_len], candidates [n_users, 1 + n_neg]).
-        The history is the items before the target: under leave-last, the test history includes
-        the validation item and the validation history excludes both targets."""
+    def eval_split(self, split, length=None):
+        """(users [n_users], history [n_users, length], candidates [n_users, 1 + n_neg]).
+        The history is the up-to-`length` (default history_len) items before the target: under
+        leave-last, the test history includes the validation item and the validation history
+        excludes both targets. An encoder that reads further back than its window (planrec's
+        context_length) needs length = that much."""
         if split not in ("valid", "test"):
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         users = np.arange(self.n_users, dtype=np.int64)
         target_pos = self.valid_pos if split == "valid" else self.test_pos
         candidates = self.valid_candidates if split == "valid" else self.test_candidates
-        return users, self.history(users, target_pos), candidates
+        return users, self.history(users, target_pos, length), candidates
 
     def sample_negatives(self, user, n, rng):
         """[len(user), n] items drawn uniformly from items each user never interacted with (any
@@ -285,6 +291,58 @@ class RecData:
             items[:, 0] = self.item_seq[pos]
             items[:, 1:] = self.sample_negatives(user, n_negatives, rng)
             yield {"user": user, "history": self.history(user, pos), "items": items}
+
+    def train_sequences(self, rows_per_batch, n_negatives, rng, context, chunk=CHUNK_POSITIONS):
+        """One epoch over all training positions, batched as user sequences, for an encoder that
+        encodes each sequence once (planrec's target_attention; train_epoch gives the same rows
+        one by one). Each user's training positions are cut into chunks of at most `chunk`
+        consecutive ones (as even as can be), the chunks shuffled (rng), and each batch takes the
+        next `rows_per_batch` positions of the shuffled chunks (a chunk that straddles two batches
+        is cut in two): every training position is a row of exactly one batch, with fresh
+        negatives. A chunk's items run from `context` items before its first target (what the
+        encoder reads: planrec.context_length) to the item before its last target; the chunks of a
+        batch lie end to end in one row. Yields dicts of int64 arrays, the keyword arguments of
+        planrec.PlanRec.forward:
+          history [1, T], segment [1, T]: the chunks' items end to end, and which chunk each is;
+          seq [b], end [b]: row j's target follows history[seq[j], end[j] - 1], so its history
+            is what lies before that in its chunk (all zeros in seq: one row);
+          user [b], items [b, 1 + n_negatives] as in train_epoch, and pos [b], the target's index
+            into item_seq."""
+        if rows_per_batch < 1 or n_negatives < 0 or context < 1 or chunk < 1:
+            raise ValueError(f"need rows_per_batch, context, chunk >= 1 and n_negatives >= 0, got "
+                             f"{rows_per_batch}, {context}, {chunk}, {n_negatives}")
+        # Each user's training positions are consecutive entries of train_pos (sorted), its chunks
+        # consecutive runs of them: sizes base or base + 1.
+        counts = np.bincount(self.train_user, minlength=self.n_users)
+        n_chunks = -(-counts // chunk)
+        base, extra = counts // np.maximum(n_chunks, 1), counts % np.maximum(n_chunks, 1)
+        user = np.repeat(np.arange(self.n_users), n_chunks)
+        k = np.arange(len(user)) - np.repeat(np.cumsum(n_chunks) - n_chunks, n_chunks)   # chunk k of its user
+        size = base[user] + (k < extra[user])
+        start = (np.cumsum(counts) - counts)[user] + k * base[user] + np.minimum(k, extra[user])
+        # Shuffle the chunks; rows = their positions in that order (indices into train_pos).
+        order = rng.permutation(len(user))
+        size, start = size[order], start[order]
+        offset = np.cumsum(size) - size
+        rows = np.repeat(start - offset, size) + np.arange(size.sum())
+        chunk_of_row = np.repeat(np.arange(len(size)), size)
+        for first in range(0, len(rows), rows_per_batch):
+            idx, chunk_id = rows[first:first + rows_per_batch], chunk_of_row[first:first + rows_per_batch]
+            u, pos = self.train_user[idx], self.train_pos[idx]
+            # the batch's pieces of chunks: consecutive rows with one chunk id
+            head = np.flatnonzero(np.r_[True, chunk_id[1:] != chunk_id[:-1]])
+            tail = np.r_[head[1:], len(idx)] - 1
+            begin = np.maximum(self.user_offsets[u[head]], pos[head] - context)   # first item, into item_seq
+            length = pos[tail] - begin                                            # through the item before the last target
+            at = np.cumsum(length) - length                                       # where each piece starts in the row
+            history = self.item_seq[np.repeat(begin - at, length) + np.arange(length.sum())]
+            piece = np.repeat(np.arange(len(head)), np.diff(np.r_[head, len(idx)]))
+            items = np.empty((len(idx), 1 + n_negatives), dtype=np.int64)
+            items[:, 0] = self.item_seq[pos]
+            items[:, 1:] = self.sample_negatives(u, n_negatives, rng)
+            yield {"history": history[None], "segment": np.repeat(np.arange(len(head)), length)[None],
+                   "seq": np.zeros(len(idx), dtype=np.int64), "end": at[piece] + pos - begin[piece],
+                   "user": u, "items": items, "pos": pos}
 
 
 # ----------------------------------------------------------------------------------------------

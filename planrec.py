@@ -10,7 +10,8 @@ them against this file): personalized_scm (Triton) and factor_mlps (chunked, for
 takes them as scm_fn and factor_mlps_fn.
 
 Shapes used throughout:
-    B  (user, history) rows in a batch
+    B  (user, history) rows in a batch: a training position, or an evaluation target
+    Q  user sequences (or chunks of them) in a batch, W items wide, for our encoder
     C  candidate items scored against each row (a positive and its negatives; 101 at evaluation)
     L  history length (50)
     D  item/user embedding size
@@ -33,13 +34,18 @@ class Config:
     n_items: int = 3706
     embed_dim: int = 16            # paper: 8; ours 16, measured better on ML-1M (docs/RESULTS.md)
     history_len: int = 50          # paper: "the last 50 clicked items"
-    # q_phi's first component. "paper": section 3.1 as written, two-layer self-attention over
-    # [history ; target] (every token attends to every token), one FC layer on the last output
-    # embedding. "target_attention" (our choice, the default): history tokens attend to the
-    # history only, so the history half is computed once per row and shared by all its candidates,
-    # and the FC layer also reads an FM-style product of the history summary and the target.
-    # The paper allows "any neural architecture that evolves interactions of the user and the
-    # target item" here (section 2.3).
+    # q_phi's first component. "paper" (PaperEncoder): section 3.1 as written, two-layer
+    # self-attention over [history ; target] (every token attends to every token, absolute
+    # positions), one FC layer on the last output embedding; its history sees the target, so
+    # each row's window is encoded on its own for each candidate. "target_attention" (our choice,
+    # the default, TargetAttentionEncoder): history tokens attend causally within a band (each to
+    # itself and the history_len - 1 items before it, at every layer, as in SASRec) and never to a
+    # target, with a learned bias per relative offset instead of absolute positions (our choice),
+    # so a token's encoding does not depend on which row's window it falls in: each user sequence
+    # is encoded once per step and shared by all its training positions and their candidates.
+    # Each target attends to the history_len items before it and to itself; the FC layer also
+    # reads an FM-style product of the history summary and the target. The paper allows "any
+    # neural architecture that evolves interactions of the user and the target item" (section 2.3).
     encoder: str = "target_attention"
     n_layers: int = 2              # paper: "a two-layer self-attention network"
     n_heads: int = 1               # our choice (embeddings this narrow leave little to split)
@@ -160,11 +166,103 @@ PRESETS = {
 
 # Eq. (2)-(4), the generative model and why q_phi approximates its posterior, are in PlanRec.encode;
 # Eq. (5)-(6), the -ELBO we minimize (reconstruction + KL to the prior), in PlanRec.loss.
+#
+# Two encoders (Config.encoder). The paper's reads each row's 50-item window with its target token,
+# every token attending to every other: nothing can be shared between rows or candidates. Ours
+# (target_attention) encodes the history on its own, causally within a band of history_len items,
+# so that a history token's encoding is the same in every row whose window it falls in: a batch is
+# made of user sequences (data.RecData.train_sequences), each encoded once, and every training
+# position of a sequence reads its window of the encoded history.
 
 def padding_bias(keep, dtype):
     """[B, 1, 1, T] additive attention bias from keep [B, T] (False at padding): 0 or -inf. The same
     as a boolean mask, and faster in SDPA on CPU; made once per forward and shared by the layers."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))[:, None, None, :]
+
+
+def context_length(cfg):
+    """How many items before a target its encoding reads: history_len with the paper's encoder. With
+    ours, also the n_layers * (history_len - 1) items before the window that its oldest item's
+    encoding reaches back to (a band of history_len per layer): a row-wise call needs this much history
+    for its result to equal the sequence-batched one, and data.py starts every sequence chunk this
+    far before its first target."""
+    return cfg.history_len + (0 if cfg.encoder == "paper" else cfg.n_layers * (cfg.history_len - 1))
+
+
+def history_windows(history, seq, end, segment, length):
+    """Where each row's own history lies (what the paper's encoder reads of a sequence batch): the
+    `length` items before its target, oldest first.
+
+    history [Q, W] item ids (0 = padding); row b's target follows history[seq[b], end[b] - 1];
+    segment [Q, W] or None: which sequence each token belongs to, where several lie end to end in
+    one row. Returns window [B, length], indices into history.flatten(), and keep [B, length]:
+    False for padding, before the row's start, and for tokens of another sequence."""
+    Q, W = history.shape
+    column = end[:, None] - length + torch.arange(length, device=history.device)
+    window = seq[:, None] * W + column.clamp(min=0)
+    keep = (column >= 0) & (history.flatten()[window] != 0)
+    if segment is not None:
+        flat = segment.flatten()
+        keep &= flat[window] == flat[window[:, -1:]]          # the last item before the target is the row's own
+    return window, keep
+
+
+# Our encoder lays each row of the history out in G blocks of L = history_len tokens: the band of a
+# token (itself and the L - 1 before it) lies in its block and the one before, so every attention of
+# the history, and of the targets, is a batched product of a block of queries with the 2L keys of
+# [previous block ; block]. A row (training position) is placed at the slot of the last item
+# before its target: its window is that item's band, and its target attends to it from one
+# position further on.
+
+def with_previous_block(x, fill):
+    """[Q, n, b, ...] blocks -> [Q * n, 2b, ...]: each block after the one before it in its row
+    (the first block of a row after `fill`)."""
+    previous = torch.cat([torch.full_like(x[:, :1], fill), x[:, :-1]], 1)
+    return torch.cat([previous, x], 2).flatten(0, 1)
+
+
+def band_offsets(length, device=None):
+    """[length, 2 length]: how far query i of a block lies after key j of [previous block ; block],
+    for blocks of `length` tokens (0 = itself, 1 = the token just before, ...; negative = after)."""
+    i = torch.arange(length, device=device)
+    return i[:, None] + length - torch.arange(2 * length, device=device)[None, :]
+
+
+def band_windows(history, segment, length):
+    """[Q * W / length, length, 2 length] bool, for history [Q, W] (W a multiple of `length`) in
+    blocks: which keys of [previous block ; block] lie in the window of each token of the block,
+    i.e. are real items among itself and the `length - 1` before it, of its own segment (default:
+    its row)."""
+    Q, W = history.shape
+    blocks = lambda x: x.view(Q, W // length, length)
+    segment = torch.zeros_like(history) if segment is None else segment
+    offset = band_offsets(length, history.device)
+    key_real = with_previous_block(blocks(history), 0) != 0                        # [G, 2L]
+    key_segment = with_previous_block(blocks(segment), -1)
+    return ((offset >= 0) & (offset < length) & key_real[:, None, :]
+            & (blocks(segment).flatten(0, 1)[:, :, None] == key_segment[:, None, :]))
+
+
+def mask_bias(allowed, dtype):
+    """Additive attention bias from a boolean mask: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
+def band_bias(windows, dtype):
+    """[G, 1, L, 2L]: the attention bias of the history tokens of each block (windows =
+    band_windows): 0 on each token's window and on itself (a padding token attends only itself, so
+    that no row of the softmax is empty), -inf elsewhere. Made once per forward."""
+    itself = band_offsets(windows.shape[1], windows.device) == 0
+    return mask_bias(windows | itself, dtype)[:, None]
+
+
+def window_mean(pairs, window, slot):
+    """[B, D]: each row's mean over its window, from pairs [G, 2L, D] (with_previous_block of the
+    tokens), window [G, M, 2L] (the windows of the M slots of each block that rows can take) and
+    slot [B] (each row's slot among G * M). A row with an empty window gets zeros."""
+    weights = window.to(pairs.dtype)
+    means = (weights / weights.sum(-1, keepdim=True).clamp(min=1)) @ pairs        # [G, M, D]
+    return means.flatten(0, 1).index_select(0, slot)
 
 
 class SelfAttentionLayer(nn.Module):
@@ -194,77 +292,142 @@ class SelfAttentionLayer(nn.Module):
 
 
 class TargetAttentionLayer(SelfAttentionLayer):
-    """The same block, but history tokens attend to history tokens only; the target token attends
-    to the history and to itself (our choice for speed, see Config.encoder). The history half then
-    does not depend on the target, so it is computed once per history and shared by the positive,
-    its negatives and all 101 evaluation candidates."""
+    """The same block for our encoder (Config.encoder). History tokens attend causally within the
+    band (each to itself and the history_len - 1 tokens before it, as in SASRec), never to a target:
+    the history half is computed once per user sequence and read by every row of it, the positive,
+    its negatives and all 101 evaluation candidates. Each target token attends to the history_len
+    tokens before it and to itself. Positions enter as a learned bias per head and offset (0 = the
+    token itself or, for a target, itself; 1 = the token just before; ... history_len), never as
+    absolute slots of a window, so that nothing depends on which window a token falls in."""
 
-    def forward(self, history, target, history_bias):
-        """history [B, L, D]; target [B, C, D] (C candidates share one history); history_bias
-        [B, 1, 1, L] = padding_bias of the history."""
-        qh, kh, vh = map(self._heads, self.qkv(self.norm_attn(history)).chunk(3, -1))   # [B, H, L, D/H]
-        qt, kt, vt = map(self._heads, self.qkv(self.norm_attn(target)).chunk(3, -1))    # [B, H, C, D/H]
-        scale = 1.0 / math.sqrt(qh.shape[-1])
-        h = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=history_bias)
-        # target -> [history ; itself]
-        att_h = qt @ kh.transpose(-1, -2) * scale + history_bias
-        att_t = (qt * kt).sum(-1, keepdim=True) * scale                                  # [B, H, C, 1]
-        w = torch.cat([att_h, att_t], -1).softmax(-1)
+    def __init__(self, dim, n_heads, ffn_dim, history_len):
+        super().__init__(dim, n_heads, ffn_dim)
+        self.history_len = history_len
+        self.offset_bias = nn.Parameter(torch.zeros(n_heads, history_len + 1))
+        # the offset of each key of [previous block ; block] from a history token, and from a target
+        # (one item later), clipped into the table (the entries outside the band are masked anyway)
+        offset = band_offsets(history_len)
+        self.register_buffer("history_offset", offset.clamp(0, history_len - 1), persistent=False)
+        self.register_buffer("target_offset", offset.clamp(0, history_len - 1) + 1, persistent=False)
+
+    def history_half(self, history, bias):
+        """history [Q, W, D] (W a multiple of history_len); bias [G, 1, L, 2L] (the band of each
+        block's tokens, G = Q * W / L blocks). Returns the history's next layer [Q, W, D] and this
+        layer's keys and values [G, 2L, 2D] of [previous block ; block]."""
+        Q, W, D = history.shape
+        L = self.history_len
+        q, kv = self.qkv(self.norm_attn(history)).split([D, 2 * D], -1)
+        kv = with_previous_block(kv.view(Q, W // L, L, 2 * D), 0.0)                     # [G, 2L, 2D]
+        k, v = map(self._heads, kv.chunk(2, -1))
+        attended = F.scaled_dot_product_attention(self._heads(q.reshape(-1, L, D)), k, v,
+                                                  attn_mask=bias + self.offset_bias[:, self.history_offset])
+        history = history + self.out(self._merge(attended).view(Q, W, D))
+        return history + self.ffn(self.norm_ffn(history)), kv
+
+    def target_half(self, target, kv, window_bias, slot):
+        """target [B, C, D] (C candidates share row b's history); kv of history_half; window_bias
+        [G, 1, M, 2L] (mask_bias of the windows of the M slots of each block that rows can take);
+        slot [B], each row's slot among G * M."""
+        (G, M), (B, C, D) = window_bias.shape[::2], target.shape
+        L = self.history_len
+        # the rows' targets at their slots (an empty slot computes on zeros and is never read)
+        qkv = self.qkv(self.norm_attn(target))
+        qkv = qkv.new_zeros(G * M, C, 3 * D).index_copy(0, slot, qkv)
+        qt, kt, vt = map(self._heads, qkv.view(G, M * C, 3 * D).chunk(3, -1))          # [G, H, M*C, D/H]
+        kh, vh = map(self._heads, kv.chunk(2, -1))                                      # [G, H, 2L, D/H]
+        scale = 1.0 / math.sqrt(qt.shape[-1])
+        # target -> [its window (offsets history_len .. 1) ; itself (offset 0)]
+        window_bias = window_bias + self.offset_bias[:, self.target_offset[L - M:]]      # [G, H, M, 2L]
+        att_h = (qt @ kh.transpose(-1, -2)).view(G, -1, M, C, 2 * L) * scale + window_bias[:, :, :, None]
+        att_t = (qt * kt).sum(-1, keepdim=True) * scale + self.offset_bias[:, :1, None]  # [G, H, M*C, 1]
+        w = torch.cat([att_h.flatten(2, 3), att_t], -1).softmax(-1)
         t = w[..., :-1] @ vh + w[..., -1:] * vt
-        history = history + self.out(self._merge(h))
-        target = target + self.out(self._merge(t))
-        history = history + self.ffn(self.norm_ffn(history))
-        target = target + self.ffn(self.norm_ffn(target))
-        return history, target
+        target = target + self.out(self._merge(t).reshape(G * M, C, D).index_select(0, slot))
+        return target + self.ffn(self.norm_ffn(target))
+
+    def forward(self, history, target, bias, window_bias, slot):
+        history_next, kv = self.history_half(history, bias)
+        return history_next, self.target_half(target, kv, window_bias, slot)
 
 
-class Encoder(nn.Module):
-    """q_phi(z | u, i): self-attention over [history ; target], then an FC layer reshaped to N
-    factors (mean and log-variance of each). Config.encoder picks the paper's attention pattern or
-    ours."""
+class PaperEncoder(nn.Module):
+    """q_phi(z | u, i) as section 3.1 has it: two-layer self-attention over [history ; target] per
+    candidate (every token attends to every token), then an FC layer on the last output embedding,
+    reshaped to N factors (mean and log-variance of each)."""
 
     def __init__(self, cfg):
         super().__init__()
         D = cfg.embed_dim
-        self.paper = cfg.encoder == "paper"
         self.position = nn.Parameter(torch.zeros(cfg.history_len + 1, D))
-        layer = SelfAttentionLayer if self.paper else TargetAttentionLayer
-        self.layers = nn.ModuleList(layer(D, cfg.n_heads, cfg.ffn_dim) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(SelfAttentionLayer(D, cfg.n_heads, cfg.ffn_dim) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(D)
-        # paper: the FC layer reads the last output embedding (the target token's). Ours also reads
-        # an FM-style product of the history summary with the target embedding, so a dot-product
-        # preference (the strongest signal in next-item data) is linear in its input.
-        n_in = D if self.paper else 2 * D
-        self.to_factors = nn.Linear(n_in, 2 * cfg.n_factors * cfg.factor_dim)
+        self.to_factors = nn.Linear(D, 2 * cfg.n_factors * cfg.factor_dim)   # paper: the FC layer
         self.n_factors, self.factor_dim = cfg.n_factors, cfg.factor_dim
 
     def forward(self, history_emb, history_pad, target_emb):
-        """history_emb [B, L, D]; history_pad [B, L] (True = padding); target_emb [B, C, D].
-
-        Returns mean, logvar [B, C, N, d] and a target-independent user summary [B, D]."""
+        """history_emb [B, L, D], each row's own window; history_pad [B, L] (True = padding);
+        target_emb [B, C, D]. Returns mean, logvar [B, C, N, d] and a target-independent user
+        summary [B, D] (the mean history embedding, used only by mask_input="id+history")."""
         B, L, D = history_emb.shape
         C = target_emb.shape[1]
         h = history_emb + self.position[:L]
         t = target_emb + self.position[L]
         history_keep = ~history_pad
         keep = history_keep.unsqueeze(-1).to(h.dtype)
-        if self.paper:
-            # [history ; target] per candidate: the history tokens see the target too, so nothing
-            # is shared between a row's candidates.
-            tokens = torch.cat([h[:, None].expand(B, C, L, D), t[:, :, None]], 2).reshape(B * C, L + 1, D)
-            token_keep = torch.cat([history_keep, history_keep.new_ones(B, 1)], 1)
-            token_keep = token_keep[:, None].expand(B, C, L + 1).reshape(B * C, L + 1)
-            token_bias = padding_bias(token_keep, h.dtype)
-            for layer in self.layers:
-                tokens = layer(tokens, token_bias)
-            features = self.norm(tokens[:, -1]).reshape(B, C, D)
-            summary = (history_emb * keep).sum(1) / keep.sum(1).clamp(min=1)   # used only by mask_input="id+history"
-        else:
-            history_bias = padding_bias(history_keep, h.dtype)
-            for layer in self.layers:
-                h, t = layer(h, t, history_bias)
-            summary = (self.norm(h) * keep).sum(1) / keep.sum(1).clamp(min=1)
-            features = torch.cat([self.norm(t), summary[:, None, :] * target_emb], -1)
+        # [history ; target] per candidate: the history tokens see the target too, so nothing is
+        # shared between a row's candidates.
+        tokens = torch.cat([h[:, None].expand(B, C, L, D), t[:, :, None]], 2).reshape(B * C, L + 1, D)
+        token_keep = torch.cat([history_keep, history_keep.new_ones(B, 1)], 1)
+        token_keep = token_keep[:, None].expand(B, C, L + 1).reshape(B * C, L + 1)
+        token_bias = padding_bias(token_keep, h.dtype)
+        for layer in self.layers:
+            tokens = layer(tokens, token_bias)
+        features = self.norm(tokens[:, -1]).reshape(B, C, D)
+        summary = (history_emb * keep).sum(1) / keep.sum(1).clamp(min=1)
+        stats = self.to_factors(features).unflatten(-1, (2, self.n_factors, self.factor_dim))
+        return stats[..., 0, :, :], stats[..., 1, :, :], summary
+
+
+class TargetAttentionEncoder(nn.Module):
+    """q_phi(z | u, i), our choice (Config.encoder): TargetAttentionLayers, then the FC layer on the
+    target's last output embedding and an FM-style product of the history summary with the target
+    embedding (so a dot-product preference, the strongest signal in next-item data, is linear in its
+    input), reshaped to N factors (mean and log-variance of each)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.embed_dim
+        self.history_len = cfg.history_len
+        self.layers = nn.ModuleList(TargetAttentionLayer(D, cfg.n_heads, cfg.ffn_dim, cfg.history_len)
+                                    for _ in range(cfg.n_layers))
+        self.norm = nn.LayerNorm(D)
+        self.to_factors = nn.Linear(2 * D, 2 * cfg.n_factors * cfg.factor_dim)
+        self.n_factors, self.factor_dim = cfg.n_factors, cfg.factor_dim
+
+    def encode_history(self, history_emb, bias):
+        """The history half alone: history_emb [Q, W, D] -> its encoding [Q, W, D], in which every
+        token's encoding depends only on itself and the items before it in its band."""
+        h = history_emb
+        for layer in self.layers:
+            h, _ = layer.history_half(h, bias)
+        return self.norm(h)
+
+    def forward(self, history_emb, bias, window, slot, target_emb):
+        """history_emb [Q, W, D] of the batch's sequences (W a multiple of history_len); bias [G, 1,
+        L, 2L] = the mask_bias of each block's band, with every token allowed itself; window [G, M,
+        2L] (band_windows of the M slots of each block that rows can take); slot [B], each row's
+        slot among G * M; target_emb [B, C, D].
+
+        Returns mean, logvar [B, C, N, d] and the target-independent summary [B, D] of each row:
+        the mean encoding of its window."""
+        L = self.history_len
+        h, t = history_emb, target_emb
+        window_bias = mask_bias(window, t.dtype)[:, None]
+        for layer in self.layers:
+            h, t = layer(h, t, bias, window_bias, slot)
+        Q, W, D = h.shape
+        summary = window_mean(with_previous_block(self.norm(h).view(Q, W // L, L, D), 0.0), window, slot)
+        features = torch.cat([self.norm(t), summary[:, None, :] * target_emb], -1)
         stats = self.to_factors(features).unflatten(-1, (2, self.n_factors, self.factor_dim))
         return stats[..., 0, :, :], stats[..., 1, :, :], summary
 
@@ -375,7 +538,8 @@ def dependency_support(cfg):
 def scm(z, A):
     """Eq. (7): e = (I - A^T)^-1 z, for z [..., N, d] and one shared A [N, N]."""
     N = A.shape[0]
-    inverse = torch.linalg.inv(torch.eye(N, dtype=A.dtype, device=A.device) - A.T)
+    # inv_ex: inv without its check for a singular matrix, which waits for a GPU (a NaN shows in the loss)
+    inverse = torch.linalg.inv_ex(torch.eye(N, dtype=A.dtype, device=A.device) - A.T).inverse
     return torch.einsum("ij,...jd->...id", inverse, z)
 
 
@@ -507,7 +671,7 @@ def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
     # Eq. (13): e* = (I - (M_A * A)^T)^-1 (M_e * z). The masked graph need not be acyclic while
     # training, so this is a general solve, not a triangular one.
     system = torch.eye(N, dtype=z.dtype, device=z.device) - (mask_A * A).transpose(-1, -2)
-    e_star = torch.linalg.solve(system, mask_e[..., None] * z[:, None])
+    e_star = torch.linalg.solve_ex(system, mask_e[..., None] * z[:, None]).result   # no check that waits for a GPU
     return e_star, mask_A, mask_e
 
 
@@ -562,7 +726,8 @@ class PlanRec(nn.Module):
         nn.init.normal_(self.item_emb.weight, std=0.1)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
-        self.encoder = Encoder(cfg)
+        self.encoder = PaperEncoder(cfg) if cfg.encoder == "paper" else TargetAttentionEncoder(cfg)
+        self.context_len = context_length(cfg)
         # Decoder p_theta(u, i | z): reconstructs the user and item input representations.
         self.decoder = mlp(N * d, cfg.head_hidden, 2 * D)
         self.heads_read_e = cfg.predict_from == "both" and cfg.structure != "none"
@@ -591,12 +756,18 @@ class PlanRec(nn.Module):
         """The A the model uses: zero diagonal (no factor causes itself), zero in dropped blocks."""
         return self.dependency_matrix * self.support
 
-    def forward(self, user, history, items):
-        """user [B]; history [B, L] item ids (0 = padding); items [B, C] candidate item ids.
+    def forward(self, user, history, items, seq=None, end=None, segment=None):
+        """user [B]; history [Q, W] item ids (0 = padding, on the left); items [B, C] candidate
+        item ids of the B rows. By default each history row is one row whose target follows its
+        last item (Q = B: a row-wise call, as in evaluation). A sequence batch (training) gives
+        seq, end [B]: row r's target follows history[seq[r], end[r] - 1], and optionally segment
+        [Q, W], which user sequence each token belongs to where several lie end to end in a row
+        (data.RecData.train_sequences). Our encoder reads context_length(cfg) items before a
+        target: a row-wise call with that much history equals the sequence-batched one.
 
         Returns a dict with 'y' [B, C] (probability of interaction, Eq. (17)), 'uncertainty' [B, C]
         (where the personalized branch exists), and the per-candidate loss ingredients."""
-        out = self.encode(history, items)                                   # Eq. (2)-(6)
+        out = self.encode(history, items, seq, end, segment)                # Eq. (2)-(6)
         if self.cfg.structure != "none":
             out.update(self.shared_structure(out["z"]))                      # Eq. (7)-(8)
         e, e_hat = out.get("e", out["z"]), out.get("e_hat", out["z"])       # VAE base: predict from z
@@ -609,25 +780,65 @@ class PlanRec(nn.Module):
             out["attribute_predictions"] = self.attributes(out["z"])        # section 2.3, with prior
         return out
 
-    def encode(self, history, items):
+    def encode(self, history, items, seq=None, end=None, segment=None):
         """Eq. (2)-(6): the posterior q_phi(z | u, i) and a sample z of it, with what the decoder
-        must reconstruct.
+        must reconstruct (arguments as in forward).
 
         Eq. (2)-(3): p_theta(u, i) = integral of p_theta(u, i | z) p_theta(z) dz, and its posterior
         p_theta(z | u, i) is intractable, so the encoder q_phi(z | u, i) approximates it (Eq. (4))."""
-        history_pad = history == 0
-        history_emb = self.item_emb(history)
+        L = self.cfg.history_len
+        rowwise = seq is None
+        if rowwise:
+            seq = torch.arange(history.shape[0], device=history.device)
+            end = torch.full_like(seq, history.shape[1])
         target_emb = self.item_emb(items)
-        mean, logvar, summary = self.encoder(history_emb, history_pad, target_emb)
+        if self.cfg.encoder == "paper":
+            # each row's own window, encoded with each candidate: nothing is shared
+            window, keep = history_windows(history, seq, end, segment, L)
+            window_emb = self.item_emb(history.flatten()[window] * keep)                  # [B, L, D]
+            mean, logvar, summary = self.encoder(window_emb, ~keep, target_emb)
+            keep = keep.unsqueeze(-1).to(window_emb.dtype)
+            user_input = (window_emb * keep).sum(1) / keep.sum(1).clamp(min=1)
+        else:
+            # Each sequence encoded once, in blocks of L (left-padded to whole blocks). Row b sits at
+            # the slot of its last history item; its window is that item's band. Rows can take any
+            # of the L slots of a block, or (row-wise) only the last slot of each history row's
+            # last block: M = 1 slot per block, so that evaluation's 101 candidates per row do not
+            # fill L slots per block.
+            history, segment, pad = self._in_blocks(history, segment)
+            Q, W = history.shape
+            windows = band_windows(history, segment, L)                                  # [G, L, 2L]
+            M = 1 if rowwise else L
+            last = seq * W + end + pad - 1
+            slot = torch.div(last, L, rounding_mode="floor") * M + last % L - (L - M)
+            history_emb = self.item_emb(history)                                           # [Q, W, D]
+            mean, logvar, summary = self.encoder(history_emb, band_bias(windows, history_emb.dtype),
+                                                 windows[:, L - M:], slot, target_emb)
+            user_input = window_mean(with_previous_block(history_emb.detach().view(Q, W // L, L, -1), 0.0),
+                                     windows[:, L - M:], slot)
         # Reparameterized sample while training, the mode at inference (section 2.4).
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean   # [B, C, N, d]
-        # What the decoder must reconstruct: the user (mean history embedding) and the item.
-        # Detached so the embeddings cannot collapse to make reconstruction free (our choice).
-        keep = (~history_pad).unsqueeze(-1).to(history_emb.dtype)
-        user_input = (history_emb * keep).sum(1) / keep.sum(1).clamp(min=1)
+        # What the decoder must reconstruct: the user (mean embedding of the row's window) and the
+        # item. Detached so the embeddings cannot collapse to make reconstruction free (our choice).
         B, C = items.shape
         recon_target = torch.cat([user_input[:, None].expand(B, C, -1), target_emb], -1).detach()
         return {"mean": mean, "logvar": logvar, "z": z, "summary": summary, "recon_target": recon_target}
+
+    def _in_blocks(self, history, segment):
+        """history, segment [Q, W] left-padded to whole blocks of history_len (segment -1 there),
+        and the padding added."""
+        pad = -history.shape[1] % self.cfg.history_len
+        return F.pad(history, (pad, 0)), None if segment is None else F.pad(segment, (pad, 0), value=-1), pad
+
+    def encode_history(self, history, segment=None):
+        """Our encoder's history half alone: history [Q, W] (segment as in forward) -> the encoding
+        of every token [Q, W, D]. What a target reads of a token is this, layer by layer."""
+        if self.cfg.encoder == "paper":
+            raise ValueError("the paper's encoder has no history half of its own: its history sees the target")
+        padded, segment, pad = self._in_blocks(history, segment)
+        history_emb = self.item_emb(padded)
+        bias = band_bias(band_windows(padded, segment, self.cfg.history_len), history_emb.dtype)
+        return self.encoder.encode_history(history_emb, bias)[:, pad:]
 
     def shared_structure(self, z):
         """Eq. (7)-(8) with the shared A."""

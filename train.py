@@ -27,6 +27,10 @@ from planrec import OUR_CHOICES, PAPER_SETTINGS, PRESETS, Config, PlanRec
 
 PAPER_ML1M = {"auc": 0.8545, "recall@5": 0.3998, "recall@10": 0.5625, "ndcg@5": 0.3136, "ndcg@10": 0.3928}
 METRICS = ("auc", "recall@5", "recall@10", "ndcg@5", "ndcg@10")
+# The default run trains until validation NDCG@10 stops improving: at most DEFAULT_EPOCHS epochs,
+# stopping after DEFAULT_PATIENCE epochs without a gain (docs/RESULTS.md, issue 18).
+DEFAULT_EPOCHS = 20
+DEFAULT_PATIENCE = 2
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--users", choices=datalib.USER_GROUPS, default="all",
                    help="Table 4(b): keep the users whose interest consistency is at least (iid) or below (ood) "
                         "the mean; ml-1m and synthetic data")
-    p.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: 10 on synthetic data, else 3)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="maximum epochs; training stops earlier after --patience epochs without a gain "
+                        f"(default: 10 on synthetic data, else {DEFAULT_EPOCHS})")
     p.add_argument("--batch-size", type=int, default=4096, help="scored (user, item) pairs per step, positives plus negatives (paper: 4096)")
     p.add_argument("--negatives", type=int, default=1, help="negatives drawn per positive each epoch")
     p.add_argument("--optimizer", choices=["adagrad", "adam"], default="adam",
@@ -60,7 +66,11 @@ def parse_args(argv=None):
                         "embedding size 8, unit loss weights, its encoder, u = the user's ID embedding, heads on e-hat")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="a named ablation of planrec.PRESETS (paper Tables 6-8); flags below override it")
-    p.add_argument("--patience", type=int, default=2, help="epochs without validation NDCG@10 gain before stopping")
+    p.add_argument("--patience", type=int, default=DEFAULT_PATIENCE, help="epochs without validation NDCG@10 gain before stopping")
+    p.add_argument("--chunk", type=int, default=datalib.CHUNK_POSITIONS,
+                   help="our encoder: training positions per user-sequence chunk (data.train_sequences)")
+    p.add_argument("--check-every", type=int, default=50, metavar="N",
+                   help="read the loss terms from the device (and check them for finiteness) every N steps")
     p.add_argument("--seed", type=int, default=0, help="seed of initialization, sampling and evaluation masks")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
     p.add_argument("--kernel", choices=["auto", "eager", "triton"], default="auto",
@@ -98,7 +108,8 @@ def parse_args(argv=None):
         p.error("--export needs --eval-only --checkpoint PATH")
     if args.checkpoint and not Path(args.checkpoint).is_file():
         p.error(f"--checkpoint {args.checkpoint}: no such file")
-    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--n-mask-samples", args.n_mask_samples)):
+    for name, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--n-mask-samples", args.n_mask_samples),
+                        ("--chunk", args.chunk), ("--check-every", args.check_every)):
         if value is not None and value < 1:
             p.error(f"{name} must be at least 1, got {value}")
     if args.negatives < 1 or args.batch_size % (1 + args.negatives):
@@ -117,7 +128,7 @@ def parse_args(argv=None):
     if args.tie_private and args.attribute_prior == "none":
         p.error("--tie-private ties the private factors in addition to the others: give --attribute-prior too")
     if args.epochs is None:
-        args.epochs = 10 if args.data.startswith("synthetic") else 3
+        args.epochs = 10 if args.data.startswith("synthetic") else DEFAULT_EPOCHS
     if args.out is None:
         args.out = f"runs/{args.data}-{args.preset or args.structure or 'personalized'}-seed{args.seed}"
     if args.paper_settings:
@@ -218,7 +229,7 @@ def run_split(model, data, split, device, seed=0, extras=None, users_per_batch=6
     'scores' [U, 101] and whatever extras(out, user, items) returns per batch (the analyses'
     statistics, analysis.diagnostics.SplitExtras). The personalized masks are sampled from a fixed
     seed so that evaluation is repeatable."""
-    users, history, candidates = data.eval_split(split)
+    users, history, candidates = data.eval_split(split, model.context_len)   # what the encoder reads
     model.eval()
     parts = {}
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -293,40 +304,89 @@ def make_optimizer(name, params, lr):
     return torch.optim.Adagrad(params, lr=lr) if name == "adagrad" else torch.optim.Adam(params, lr=lr)
 
 
-def train_epoch(model, optimizer, data, args, np_rng, device, epoch, attributes=None):
-    """One pass over every training position; returns the mean of each loss term."""
-    model.train()
+# What PlanRec.forward reads of a batch (data.RecData.train_sequences / train_epoch).
+MODEL_INPUTS = ("user", "history", "items", "seq", "end", "segment")
+
+
+def to_device(array, device):
+    """A batch array as a tensor on `device`; to a GPU through pinned memory without blocking, so
+    that building the next batch on the host overlaps the step."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else tensor
+
+
+def train_batches(model, data, args, np_rng):
+    """One epoch's batches of args.batch_size scored pairs (positions x (1 + negatives)): user
+    sequences for our encoder, which encodes each once (data.train_sequences), rows one by one for
+    the paper's, whose history sees the target (data.train_epoch)."""
     positions = args.batch_size // (1 + args.negatives)
-    n_steps = math.ceil(len(data.train_user) / positions)
+    if model.cfg.encoder == "paper":
+        return data.train_epoch(positions, args.negatives, np_rng)
+    return data.train_sequences(positions, args.negatives, np_rng, model.context_len, args.chunk)
+
+
+class LossTerms:
+    """The loss terms of an epoch, summed on the device: add() never waits for the device; read()
+    (every --check-every steps and at the end of the epoch) does, and raises FloatingPointError
+    naming the first step at which a term was not finite."""
+
+    def __init__(self, epoch):
+        self.epoch, self.names, self.count = epoch, None, 0
+
+    def add(self, terms, step):
+        values = torch.stack([v.detach() for v in terms.values()]).double()
+        if self.names is None:
+            self.names = list(terms)
+            self.sums = torch.zeros_like(values)
+            self.first_bad = torch.full_like(values, -1)       # step of the first non-finite value
+            self.bad_value = torch.zeros_like(values)
+        new_bad = (self.first_bad < 0) & ~torch.isfinite(values)
+        self.first_bad = torch.where(new_bad, float(step), self.first_bad)
+        self.bad_value = torch.where(new_bad, values, self.bad_value)
+        self.sums += values
+        self.count += 1
+
+    def read(self):
+        """{term: mean so far} (one wait for the device)."""
+        if self.names is None:
+            return {}
+        sums, first_bad, bad_value = torch.stack([self.sums, self.first_bad, self.bad_value]).tolist()
+        bad = [(step, i) for i, step in enumerate(first_bad) if step >= 0]
+        if bad:
+            step, i = min(bad)
+            raise FloatingPointError(f"the loss term '{self.names[i]}' is {bad_value[i]} at epoch {self.epoch}, step "
+                                     f"{int(step)}; the last good checkpoint is kept. Try a lower --lr.")
+        return {name: total / self.count for name, total in zip(self.names, sums)}
+
+
+def train_epoch(model, optimizer, data, args, np_rng, device, epoch, attributes=None):
+    """One pass over every training position; returns the mean of each loss term and the number of
+    training positions used (each once)."""
+    model.train()
+    n_steps = math.ceil(len(data.train_user) / (args.batch_size // (1 + args.negatives)))
     if args.max_steps:
         n_steps = min(n_steps, args.max_steps)
-    sums, count = {}, 0
-    bar = tqdm(data.train_epoch(positions, args.negatives, np_rng), total=n_steps, desc=f"epoch {epoch}",
+    terms_sum, positions = LossTerms(epoch), 0
+    bar = tqdm(train_batches(model, data, args, np_rng), total=n_steps, desc=f"epoch {epoch}",
                leave=False, disable=None, dynamic_ncols=True)
     for step, batch in enumerate(bar):
         if step >= n_steps:
             break
-        user = torch.as_tensor(batch["user"], device=device)
-        items = torch.as_tensor(batch["items"], device=device)
-        labels = torch.zeros(items.shape, device=device)
+        inputs = {k: to_device(batch[k], device) for k in MODEL_INPUTS if k in batch}
+        labels = torch.zeros(inputs["items"].shape, device=device)
         labels[:, 0] = 1.0
-        out = model(user, torch.as_tensor(batch["history"], device=device), items)
-        extra = {"attribute_targets": attributes(user, items)} if attributes is not None else {}
+        out = model(**inputs)
+        extra = {"attribute_targets": attributes(inputs["user"], inputs["items"])} if attributes is not None else {}
         loss, terms = model.loss(out, labels, **extra)
-        for name, value in terms.items():
-            if not torch.isfinite(value):
-                raise FloatingPointError(f"the loss term '{name}' is {value.item()} at epoch {epoch}, step {step}; "
-                                         "the last good checkpoint is kept. Try a lower --lr.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
-        count += 1
-        if step % 10 == 0:
-            bar.set_postfix({k: f"{v / count:.4f}" for k, v in sums.items() if k != "total"})
+        terms_sum.add(terms, step)
+        positions += len(batch["user"])
+        if (step + 1) % args.check_every == 0:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in terms_sum.read().items() if k != "total"})
     bar.close()
-    return {k: v / count for k, v in sums.items()}
+    return terms_sum.read(), positions
 
 
 def format_table(rows, header=("", *METRICS)):
@@ -466,10 +526,11 @@ def main(argv=None):
         if bad_epochs >= args.patience:
             break
         t0 = time.time()
-        losses = train_epoch(model, optimizer, data, args, np_rng, device, epoch, attributes)
+        losses, positions = train_epoch(model, optimizer, data, args, np_rng, device, epoch, attributes)
         t1 = time.time()
         valid, _ = evaluate(model, data, "valid", device, args.seed, attributes)
-        record = {"epoch": epoch, "loss": losses, "valid": valid, "train_s": t1 - t0, "eval_s": time.time() - t1}
+        record = {"epoch": epoch, "loss": losses, "valid": valid, "train_positions": positions,
+                  "train_s": t1 - t0, "eval_s": time.time() - t1}
         history.append(record)
         improved = best is None or valid["ndcg@10"] > best["valid"]["ndcg@10"]
         best, bad_epochs = (record, 0) if improved else (best, bad_epochs + 1)

@@ -4,10 +4,14 @@
     python -m benchmarks.bench_train --compare 6b35fe2     # and that commit's planrec.py, side by side
     python -m benchmarks.bench_train --parts               # where one step's time goes, part by part
 
-The batch is what `train.py --data ml-1m` feeds the model: 4,096 scored pairs = 2,048 (user,
-history) rows x (1 positive + 1 negative), 50-item histories, ML-1M's numbers of users and items.
-Steps of the compared implementations alternate, so both see the same machine load; the table
-reports medians and the ratio. A benchmark prints, it never asserts a time.
+The batch is what `train.py --data ml-1m` feeds the model: 4,096 scored pairs = 2,048 training
+rows x (1 positive + 1 negative), ML-1M's numbers of users and items. A model whose encoder reads
+each row's own 50-item window (the paper's, and every commit before issue 18) gets 2,048 (user,
+history) rows; our encoder gets the same 2,048 rows as a sequence batch (data.train_sequences):
+chunks of user sequences end to end, each encoded once, drawn from a synthetic log whose user
+lengths follow ML-1M's (log-normal, median 96). Steps of the compared implementations alternate,
+so both see the same machine load; the table reports medians and the ratio. A benchmark prints,
+it never asserts a time.
 """
 
 import argparse
@@ -23,8 +27,10 @@ import io
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+import data as datalib
 from kernels.factor_mlps import factor_mlps
 
 HERE = Path(__file__).resolve().parents[1]   # the repository root
@@ -50,15 +56,64 @@ def load_planrec(commit=None):
 
 
 def make_batch(rows, candidates, n_users, n_items, history_len, seed=0):
+    """(inputs of PlanRec.forward, labels): `rows` (user, history) rows of random items."""
     g = torch.Generator().manual_seed(seed)
     user = torch.randint(0, n_users, (rows,), generator=g)
     history = torch.randint(1, n_items + 1, (rows, history_len), generator=g)
     lengths = torch.randint(1, history_len + 1, (rows,), generator=g)    # left padding, as data.py makes it
     history[torch.arange(history_len)[None, :] < (history_len - lengths)[:, None]] = 0
     items = torch.randint(1, n_items + 1, (rows, candidates), generator=g)
-    labels = torch.zeros(rows, candidates)
+    return {"user": user, "history": history, "items": items}, labels_for(items)
+
+
+def labels_for(items):
+    labels = torch.zeros(items.shape)
     labels[:, 0] = 1
-    return user, history, items, labels
+    return labels
+
+
+def synthetic_log(n_users, n_items, seed=0):
+    """A RecData under the leave-last protocol with ML-1M's numbers of users and items and user
+    lengths like ML-1M's (log-normal: median 96, about 20 to 2,300 items), items drawn at random."""
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(np.log(96), 1.15, n_users), 20, 2314).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    user_of = np.repeat(np.arange(n_users), lengths)
+    t = np.arange(offsets[-1]) - offsets[user_of]
+    train_pos = np.flatnonzero((t >= 1) & (t <= lengths[user_of] - 3))
+    empty = np.zeros((n_users, 1), dtype=np.int64)
+    return datalib.RecData(
+        name="synthetic-ml1m-lengths", n_users=n_users, n_items=n_items,
+        item_seq=rng.integers(1, n_items + 1, offsets[-1]), user_offsets=offsets,
+        train_user=user_of[train_pos], train_pos=train_pos, valid_pos=offsets[1:] - 2, test_pos=offsets[1:] - 1,
+        valid_candidates=empty, test_candidates=empty, item_train_count=np.zeros(n_items + 1, dtype=np.int64),
+        user_attrs={}, item_attrs={}, raw_user_ids=np.arange(n_users), raw_item_ids=np.arange(n_items + 1))
+
+
+def make_sequence_batch(rows, candidates, n_users, n_items, context, seed=0):
+    """(inputs of PlanRec.forward, labels): the first batch of `rows` training rows of an epoch of
+    data.train_sequences over synthetic_log (1 positive + candidates - 1 negatives per row)."""
+    log = synthetic_log(n_users, n_items, seed)
+    batch = next(log.train_sequences(rows, candidates - 1, np.random.default_rng(seed), context))
+    inputs = {k: torch.from_numpy(batch[k]) for k in ("user", "history", "items", "seq", "end", "segment")}
+    return inputs, labels_for(inputs["items"])
+
+
+def batch_for(module, model, rows, candidates):
+    """The batch `model` trains on: a sequence batch where its encoder encodes each sequence once
+    (this checkout's target_attention), else rows with their own windows."""
+    cfg = model.cfg
+    if "train_sequences" in datalib.RecData.__dict__ and hasattr(module, "context_length") and cfg.encoder != "paper":
+        return make_sequence_batch(rows, candidates, cfg.n_users, cfg.n_items, module.context_length(cfg))
+    return make_batch(rows, candidates, cfg.n_users, cfg.n_items, cfg.history_len)
+
+
+def describe(batch):
+    inputs, _ = batch
+    if "seq" not in inputs:
+        return f"{len(inputs['user'])} rows of {inputs['history'].shape[1]}-item histories"
+    return (f"{len(inputs['user'])} rows in {int(inputs['segment'].max()) + 1} sequence chunks of "
+            f"{inputs['history'].shape[1]} items in all")
 
 
 def build(module, structure, overrides):
@@ -74,9 +129,9 @@ def build(module, structure, overrides):
 
 def step(model, optimizer, batch):
     """One training step; returns the seconds of its phases: forward + loss, backward, optimizer."""
-    user, history, items, labels = batch
+    inputs, labels = batch
     t0 = time.perf_counter()
-    out = model(user, history, items)
+    out = model(**inputs)
     loss, _ = model.loss(out, labels)
     t1 = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -170,17 +225,17 @@ def main(argv=None):
     if args.compare:
         implementations[args.compare] = load_planrec(args.compare)
     here = implementations["this checkout"]
-    cfg = here.Config()
-    batch = make_batch(args.rows, args.candidates, cfg.n_users, cfg.n_items, cfg.history_len)
 
     if args.parts:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.rows} rows x "
               f"{args.candidates} candidates; medians of {args.steps} steps after {args.warmup} warm-up steps")
         for structure in args.structures:
             model, optimizer = build(here, structure, overrides)
+            batch = batch_for(here, model, args.rows, args.candidates)
+            print(f"\n{structure}: {describe(batch)}", end="")
             for _ in range(args.warmup):
                 step(model, optimizer, batch)
-            print(f"\n{structure}\n{'section':>9} | {'part':<58} | ms per step")
+            print(f"\n{'section':>9} | {'part':<58} | ms per step")
             for section, name, ms in time_parts(model, optimizer, batch, args.steps):
                 print(f"{section:>9} | {name:<58} | {ms:8.1f}")
         return
@@ -188,12 +243,15 @@ def main(argv=None):
           f"{args.candidates} candidates; median of {args.steps} steps (forward + backward + Adam step)")
     print(f"{'structure':>13} | " + " | ".join(f"{name:>15}" for name in implementations)
           + (" | ratio (old / new)" if args.compare else ""))
+    batches = {}
     for structure in args.structures:
         models = {name: build(module, structure, overrides) for name, module in implementations.items()}
+        batches = {name: batch_for(implementations[name], model, args.rows, args.candidates)
+                   for name, (model, _) in models.items()}
         times = {name: [] for name in implementations}
         for i in range(args.warmup + args.steps):
             for name, (model, optimizer) in models.items():   # alternate: same load for both
-                seconds = sum(step(model, optimizer, batch))
+                seconds = sum(step(model, optimizer, batches[name]))
                 if i >= args.warmup:
                     times[name].append(seconds)
         medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
@@ -201,6 +259,8 @@ def main(argv=None):
         if args.compare:
             line += f" | {medians[args.compare] / medians['this checkout']:.2f}x"
         print(line, flush=True)
+    for name, batch in batches.items():
+        print(f"{name}: {describe(batch)}")
 
 
 if __name__ == "__main__":

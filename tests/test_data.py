@@ -208,6 +208,58 @@ def test_training_batches_and_negatives(world_data):
     assert np.array_equal(again, epochs[0])  # deterministic given the rng
 
 
+def check_sequence_epoch(d, batches, rows_per_batch, n_negatives, context, chunk):
+    """Every training position of the epoch is a row of exactly one batch, with its own history up
+    to `context` items in its chunk, its own positive and unseen negatives; returns the positions
+    in epoch order."""
+    assert all(len(b["user"]) == rows_per_batch for b in batches[:-1]) and 0 < len(batches[-1]["user"]) <= rows_per_batch
+    pos = np.concatenate([b["pos"] for b in batches])
+    assert np.array_equal(np.sort(pos), d.train_pos)                      # each position exactly once
+    for b in batches:
+        assert all(b[k].dtype == np.int64 for k in ("history", "segment", "seq", "end", "user", "items", "pos"))
+        history, segment = b["history"], b["segment"]
+        assert history.shape == segment.shape and history.shape[0] == 1 and (b["seq"] == 0).all()
+        assert (history > 0).all()                                        # chunks end to end, no padding
+        # pieces of chunks: consecutive segment ids, each of one user, at most `chunk` rows
+        assert (np.diff(segment[0]) >= 0).all() and (np.diff(segment[0]) <= 1).all()
+        assert np.bincount(segment[0][b["end"] - 1]).max() <= chunk
+        assert (d.train_user[np.searchsorted(d.train_pos, b["pos"])] == b["user"]).all()
+        # a row's history is what lies before its end in its own segment: the up-to-`context` items
+        # before its target, as data.history has them
+        expected = d.history(b["user"], b["pos"], length=context)
+        column = b["end"][:, None] - context + np.arange(context)
+        inside = column >= 0
+        got = np.where(inside, history[0][np.maximum(column, 0)], 0)
+        own = inside & (segment[0][np.maximum(column, 0)] == segment[0][b["end"] - 1][:, None])
+        assert np.array_equal(np.where(own, got, 0), expected)
+        assert (b["items"][:, 0] == d.item_seq[b["pos"]]).all()
+        assert b["items"].shape == (len(b["pos"]), 1 + n_negatives)
+        assert not d.interacted(b["user"][:, None], b["items"][:, 1:]).any()
+    return pos
+
+
+@FAST
+@given(rows=st.integers(1, 300), context=st.integers(1, 60), chunk=st.integers(1, 80), n_neg=st.integers(0, 2),
+       seed=st.integers(0, 2**31 - 1))
+def test_sequence_batches_use_every_position_once_with_its_own_history(world_data, rows, context, chunk, n_neg, seed):
+    d = world_data
+    batches = list(d.train_sequences(rows, n_neg, np.random.default_rng(seed), context, chunk))
+    check_sequence_epoch(d, batches, rows, n_neg, context, chunk)
+
+
+def test_sequence_batches_are_shuffled_and_deterministic(world_data):
+    d = world_data
+    epoch = lambda seed: list(d.train_sequences(256, 1, np.random.default_rng(seed), 148))
+    first, again, other = epoch(0), epoch(0), epoch(1)
+    pos = check_sequence_epoch(d, first, 256, 1, 148, data.CHUNK_POSITIONS)
+    assert all(np.array_equal(a[k], b[k]) for a, b in zip(first, again) for k in a)
+    assert not np.array_equal(pos, np.concatenate([b["pos"] for b in other]))
+    # a batch mixes several users' chunks; short users are whole chunks
+    assert np.mean([len(np.unique(b["user"])) for b in first]) > 2
+    with pytest.raises(ValueError, match="rows_per_batch"):
+        next(d.train_sequences(0, 1, np.random.default_rng(0), 148))
+
+
 def test_eval_candidates(world_data):
     d = world_data
     for cands in (d.valid_candidates, d.test_candidates):
@@ -758,6 +810,19 @@ def test_real_ml1m_canonical_counts(tmp_path, monkeypatch):
     assert meta["counts"] == {"interactions": 1_000_209, "users": 6_040, "items": 3_706}
     assert not d.interacted(np.arange(d.n_users)[:, None], d.test_candidates[:, 1:]).any()
     assert set(np.unique(d.user_attrs["age"])) == set(range(7))
+
+
+@pytest.mark.skipif(not ml1m.contains_ml1m(SHARED_ML1M), reason=f"no ML-1M copy at {SHARED_ML1M}")
+def test_real_ml1m_sequence_batches(tmp_path, monkeypatch):
+    """train.py's default epoch: 982,089 positions in 480 batches of 2,048 rows, each position once
+    with its own history, about 17 chunks and 2,700 items per batch (context 148, chunks of 256)."""
+    monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
+    d = load_quiet(SHARED_ML1M)
+    batches = list(d.train_sequences(2048, 1, np.random.default_rng(0), 148))
+    assert len(batches) == 480
+    check_sequence_epoch(d, batches, 2048, 1, 148, data.CHUNK_POSITIONS)
+    assert 2_000 < np.mean([b["history"].shape[1] for b in batches]) < 4_000
+    assert 10 < np.mean([b["segment"].max() + 1 for b in batches]) < 30
 
 
 # --- Amazon-Book and interaction logs (issue 11) ----------------------------------------------

@@ -542,7 +542,7 @@ def test_balance_batches_over_leading_dimensions():
 # ================================================================================================
 
 def tiny_config(**kw):
-    return Config(n_users=7, n_items=11, history_len=5, **kw)
+    return Config(**{"n_users": 7, "n_items": 11, "history_len": 5, **kw})
 
 
 def tiny_batch(B=3, C=4, seed=0):
@@ -1062,21 +1062,29 @@ def test_each_tied_predictor_gets_gradient_only_from_its_own_factor():
 def test_paper_encoder_attends_both_ways_and_ours_keeps_the_history_blind():
     D = 8
     layer = planrec.SelfAttentionLayer(D, 1, 16).double()
-    ours = planrec.TargetAttentionLayer(D, 1, 16).double()
-    ours.load_state_dict(layer.state_dict())
+    ours = planrec.TargetAttentionLayer(D, 1, 16, history_len=4).double()
+    missing, unexpected = ours.load_state_dict(layer.state_dict(), strict=False)
+    assert missing == ["offset_bias"] and not unexpected        # ours adds only the offset bias (zero)
     history = torch.randn(2, 4, D, dtype=torch.float64, requires_grad=True)
     target = torch.randn(2, 1, D, dtype=torch.float64, requires_grad=True)
-    keep = planrec.padding_bias(torch.ones(2, 4, dtype=torch.bool), torch.float64)
     out = layer(torch.cat([history, target], 1), planrec.padding_bias(torch.ones(2, 5, dtype=torch.bool), torch.float64))
     # the target token attends to the history, and the history tokens attend to the target
     (g_t_from_h,) = torch.autograd.grad(out[:, -1].sum(), history, retain_graph=True)
     (g_h_from_t,) = torch.autograd.grad(out[:, :-1].sum(), target)
     assert g_t_from_h.abs().sum() > 0 and g_h_from_t.abs().sum() > 0
-    h, t = ours(history, target, keep)
+    ids = torch.ones(2, 4, dtype=torch.long)                 # two sequences of 4 real items, one block each
+    windows = planrec.band_windows(ids, None, 4)
+    band = planrec.band_bias(windows, torch.float64)
+    # each row at the last slot of its block (M = 1 slot per block): its window is the whole block
+    window_bias = planrec.mask_bias(windows[:, -1:], torch.float64)[:, None]
+    h, t = ours(history, target, band, window_bias, torch.arange(2))
     (g_h_from_t,) = torch.autograd.grad(h.sum(), target, allow_unused=True)
     assert g_h_from_t is None or (g_h_from_t == 0).all()
     # the target token computes the same thing in both (it sees everything in both)
     torch.testing.assert_close(t[:, 0], out[:, -1])
+    # and ours is causal: a history token never sees the tokens after it
+    (g_first_from_later,) = torch.autograd.grad(h[:, 0].sum(), history)
+    assert (g_first_from_later[:, 1:] == 0).all() and g_first_from_later[:, 0].abs().sum() > 0
 
 
 @pytest.mark.parametrize("encoder", ["paper", "target_attention"])
@@ -1137,3 +1145,148 @@ def test_padding_bias_is_the_boolean_mask():
     torch.testing.assert_close(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias),
                                torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :]),
                                rtol=0, atol=0)
+
+
+# ================================================================================================
+# Our encoder on user sequences (issue 18): each history encoded once per sequence
+# ================================================================================================
+
+def test_context_length_is_the_receptive_field():
+    assert planrec.context_length(Config()) == 50 + 2 * 49
+    assert planrec.context_length(Config(encoder="paper")) == 50
+    assert planrec.context_length(tiny_config(n_layers=3)) == 5 + 3 * 4
+    assert PlanRec(tiny_config()).context_len == 5 + 2 * 4
+
+
+def sequence_model(seed=0, **kw):
+    """A float64 model with random relative-position biases (they start at zero)."""
+    model = tiny_model(seed, torch.float64, **kw)
+    if model.cfg.encoder != "paper":
+        with torch.no_grad():
+            for layer in model.encoder.layers:
+                layer.offset_bias.copy_(torch.randn(layer.offset_bias.shape, generator=rng(seed + 1), dtype=torch.float64))
+    return model
+
+
+@st.composite
+def chunkings(draw):
+    """A user sequence, cut into chunks (each with the items before it that its encoding reaches),
+    laid end to end in a shuffled order after another user's items."""
+    L, n_layers = draw(st.integers(2, 5)), draw(st.integers(1, 3))
+    n = draw(st.integers(1, 30))
+    items = draw(st.lists(st.integers(1, 11), min_size=n, max_size=n))
+    cuts = sorted(set(draw(st.lists(st.integers(1, n - 1), max_size=4)))) if n > 1 else []
+    bounds = list(zip([0] + cuts, cuts + [n]))
+    order = draw(st.permutations(range(len(bounds))))
+    other = draw(st.lists(st.integers(1, 11), max_size=2 * L))
+    return L, n_layers, items, [bounds[i] for i in order], other
+
+
+@PROPERTY
+@given(case=chunkings(), n_heads=st.sampled_from([1, 2]))
+def test_a_history_tokens_encoding_is_the_same_in_every_chunk_it_falls_in(case, n_heads):
+    L, n_layers, items, chunks, other = case
+    model = sequence_model(history_len=L, n_layers=n_layers, n_heads=n_heads)
+    reach = n_layers * (L - 1)                 # how far back a token's encoding reads
+    whole = model.encode_history(torch.tensor([items]))[0]
+    # (1) the chunks end to end in one row, after another user's items, told apart by segment
+    row, segment, where = list(other), [0] * len(other), []
+    for k, (a, b) in enumerate(chunks):
+        start = max(0, a - reach)
+        where.append((a, b, len(row) + a - start))
+        row += items[start:b]
+        segment += [k + 1] * (b - start)
+    packed = model.encode_history(torch.tensor([row]), torch.tensor([segment]))[0]
+    for a, b, at in where:
+        torch.testing.assert_close(packed[at:at + b - a], whole[a:b], rtol=1e-10, atol=1e-12)
+    # (2) one chunk per row, left-padded (no segments): the same encodings again
+    width = max(b - max(0, a - reach) for a, b in chunks)
+    rows = torch.zeros(len(chunks), width, dtype=torch.long)
+    for k, (a, b) in enumerate(chunks):
+        rows[k, width - (b - max(0, a - reach)):] = torch.tensor(items[max(0, a - reach):b])
+    padded = model.encode_history(rows)
+    for k, (a, b) in enumerate(chunks):
+        torch.testing.assert_close(padded[k, width - (b - a):], whole[a:b], rtol=1e-10, atol=1e-12)
+
+
+def hand_sequence_batch(sequences, chunks, context, width=None):
+    """A sequence batch as data.RecData.train_sequences makes it, from hand-made `sequences` and
+    `chunks` (user, first target, last target; targets t >= 1), and the same rows one by one:
+    (user, history, items, seq, end, segment), (user, row histories [B, width or context])."""
+    width = width or context
+    g = rng(7)
+    row, segment, ends, users, rows = [], [], [], [], []
+    for k, (u, a, b) in enumerate(chunks):
+        s = sequences[u]
+        start = max(0, a - context)
+        for t in range(a, b + 1):
+            ends.append(len(row) + t - start)
+            users.append(u)
+            h = s[max(0, t - width):t]
+            rows.append([0] * (width - len(h)) + h)
+        row += s[start:b]
+        segment += [k] * (b - start)
+    B = len(ends)
+    user = torch.tensor(users)
+    items = torch.randint(1, 12, (B, 3), generator=g)
+    batch = dict(user=user, history=torch.tensor([row]), items=items, seq=torch.zeros(B, dtype=torch.long),
+                 end=torch.tensor(ends), segment=torch.tensor([segment]))
+    return batch, dict(user=user, history=torch.tensor(rows), items=items)
+
+
+SEQUENCES = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3], [2, 7, 1, 8, 2, 8, 1, 8, 2], [11, 10], [6, 6, 6, 1, 2]]
+# user 0 in three chunks (the later ones start `context` items early), the rest whole, shuffled
+CHUNKS = [(1, 1, 8), (0, 9, 12), (2, 1, 1), (0, 1, 4), (3, 1, 4), (0, 5, 8), (0, 13, 15)]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(structure="none"), dict(mask_input="id", n_layers=3),
+                                dict(n_heads=2), dict(encoder="paper")])
+@pytest.mark.parametrize("extra_context", [0, 3])
+def test_sequence_batched_forward_equals_the_row_by_row_forward(kw, extra_context):
+    """The same rows, once as a sequence batch (each sequence encoded once) and once row by row
+    with context_length items of history: every output, the loss and every gradient agree
+    (float64; the same noise, drawn from the same seed in the same shapes)."""
+    model = sequence_model(**kw).train()
+    context = model.context_len
+    batch, rows = hand_sequence_batch(SEQUENCES, CHUNKS, context, context + extra_context)
+    labels = torch.zeros(rows["items"].shape, dtype=torch.float64)
+    labels[:, 0] = 1
+    results = []
+    for inputs in (batch, rows):
+        torch.manual_seed(3)
+        out = model(**inputs)
+        loss, terms = model.loss(out, labels)
+        grads = torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)
+        results.append((out, terms, grads))
+    (out_b, terms_b, grads_b), (out_r, terms_r, grads_r) = results
+    for key in ("mean", "logvar", "z", "summary", "recon_target", "y", "y_shared", "uncertainty", "e_hat"):
+        if key in out_r:
+            torch.testing.assert_close(out_b[key], out_r[key], rtol=1e-10, atol=1e-12, msg=key)
+    for key in terms_r:
+        torch.testing.assert_close(terms_b[key], terms_r[key], rtol=1e-10, atol=1e-12, msg=key)
+    for (name, _), gb, gr in zip(model.named_parameters(), grads_b, grads_r):
+        assert (gb is None) == (gr is None), name
+        if gr is not None:
+            torch.testing.assert_close(gb, gr, rtol=1e-9, atol=1e-12, msg=name)
+    if model.cfg.encoder != "paper":
+        # the relative-position biases are learned: they get gradient
+        grad_of = dict(zip([id(p) for p in model.parameters()], grads_b))
+        assert all(grad_of[id(layer.offset_bias)].abs().sum() > 0 for layer in model.encoder.layers)
+
+
+def test_a_shorter_history_changes_only_what_reads_past_it():
+    """A row-wise call with only history_len items of history (less than context_length) runs, and
+    its target still reads its whole window; it differs from the full-context result only because
+    the oldest window items' own encodings saw less."""
+    model = sequence_model().eval()
+    batch, rows = hand_sequence_batch(SEQUENCES, CHUNKS, model.context_len)
+    short = dict(rows, history=rows["history"][:, -model.cfg.history_len:])
+    torch.manual_seed(0)
+    full = model(**rows)["mean"]
+    torch.manual_seed(0)
+    cut = model(**short)["mean"]
+    lengths = (rows["history"] != 0).sum(1)
+    same = lengths <= model.cfg.history_len      # nothing was cut off: identical
+    torch.testing.assert_close(cut[same], full[same], rtol=1e-10, atol=1e-12)
+    assert (cut[~same] - full[~same]).abs().amax((1, 2, 3)).min() > 0
+

@@ -1,6 +1,7 @@
 """End-to-end tests of train.py on a tiny synthetic world (seconds, CPU, eager)."""
 
 import json
+import sys
 
 import numpy as np
 
@@ -86,6 +87,65 @@ def test_non_finite_loss_stops_with_the_term_and_keeps_the_last_good_checkpoint(
     with pytest.raises(FloatingPointError, match=r"'kl'.*epoch 2, step 0"):
         run(world, tmp_path / "run", "--epochs", "2", "--resume")
     assert (tmp_path / "run" / "last.pt").read_bytes() == good
+
+
+def test_metrics_record_the_training_positions_of_every_epoch(world, tmp_path):
+    summary = run(world, tmp_path / "run", "--epochs", "2")
+    n_train = len(datalib.load_dataset("synthetic", root=world).train_pos)
+    assert [e["train_positions"] for e in summary["epochs"]] == [n_train, n_train]
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["train_positions"] for e in written["epochs"]] == [n_train, n_train]
+    # the paper's encoder trains on rows one by one (its history sees the target), the same positions
+    paper = run(world, tmp_path / "paper", "--epochs", "1", "--set", "encoder=paper")
+    assert paper["epochs"][0]["train_positions"] == n_train
+
+
+def small_epoch_setup(world, *extra):
+    args = train.parse_args(["--data", "synthetic", *TINY, *extra])
+    d = datalib.load_dataset("synthetic", root=world)
+    torch.manual_seed(0)
+    model = planrec.PlanRec(train.model_config(args, d))
+    return args, d, model, torch.optim.Adam(model.parameters(), lr=0.01)
+
+
+def test_the_loop_reads_the_device_only_every_n_steps(world, monkeypatch):
+    """No host synchronization per step: between the reads of LossTerms (every --check-every steps
+    and at the end of the epoch) neither train.py nor the model turns a tensor into a Python number."""
+    args, d, model, optimizer = small_epoch_setup(world, "--check-every", "4")
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "numpy"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            frame = sys._getframe(1)
+            if frame.f_code.co_filename.endswith(("train.py", "planrec.py")):
+                reads.append((frame.f_code.co_name, _name))
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    n_steps = -(-len(d.train_pos) // (64 // 2))
+    assert n_steps >= 9
+    losses, positions = train.train_epoch(model, optimizer, d, args, np.random.default_rng(0), torch.device("cpu"), 1)
+    monkeypatch.undo()
+    assert positions == len(d.train_pos) and set(losses) >= {"total", "recommend", "kl"}
+    assert reads and {where for where, _ in reads} == {"read"}
+    assert reads == [("read", "tolist")] * (n_steps // 4 + 1)
+
+
+def test_a_non_finite_term_is_reported_at_its_first_step_when_read_later(world, monkeypatch):
+    args, d, model, optimizer = small_epoch_setup(world, "--check-every", "5")
+    original, calls = planrec.PlanRec.loss, []
+
+    def poisoned(self, out, labels):
+        total, terms = original(self, out, labels)
+        calls.append(1)
+        if len(calls) >= 3:                      # steps 2, 3, ...: 'recommend' is infinite
+            terms["recommend"] = terms["recommend"] + float("inf")
+        return total, terms
+
+    monkeypatch.setattr(planrec.PlanRec, "loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"'recommend' is inf at epoch 1, step 2;"):
+        train.train_epoch(model, optimizer, d, args, np.random.default_rng(0), torch.device("cpu"), 1)
+    assert len(calls) == 5                       # noticed at the first read, after step 4
 
 
 @pytest.mark.parametrize("argv, message", [
