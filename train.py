@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import data as datalib
 import planrec
-from analysis import attributes as attributes_lib, diagnostics
+from analysis import attributes as attributes_lib, diagnostics, ledger
 from planrec import OUR_CHOICES, PAPER_SETTINGS, PRESETS, Config, PlanRec
 
 PAPER_ML1M = {"auc": 0.8545, "recall@5": 0.3998, "recall@10": 0.5625, "ndcg@5": 0.3136, "ndcg@10": 0.3928}
@@ -566,7 +566,10 @@ def main(argv=None):
         print(f"attribute {key} (test): " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     summary = {"args": vars(args), "config": cfg.to_dict(), "kernel": kernel_name,
                "device": str(device), "best_epoch": ckpt["epoch"], "test": test, "popularity_test": popularity,
-               "epochs": history, "wall_s": time.time() - started}
+               "epochs": history, "wall_s": time.time() - started,
+               # where the numbers come from (analysis/ledger.py keeps it in the run's record)
+               "provenance": {"commit": ledger.git_commit(), "machine": ledger.machine(str(device)),
+                              "command": ["python", "train.py", *map(str, sys.argv[1:] if argv is None else argv)]}}
     write_json(out_dir / "metrics.json", summary)
     print(f"wrote {out_dir / 'metrics.json'} ({summary['wall_s']:.0f}s)")
     return summary

@@ -508,10 +508,14 @@ def test_prepare_script_errors_are_one_line(tmp_path):
 
 # --- metrics ----------------------------------------------------------------------------------
 
+# Three users' scores, positive first: ranks 0, 2 (a tie counts against the positive) and 3.
+HAND_SCORES = np.array([[0.9, 0.1, 0.2, 0.3],
+                        [0.5, 0.6, 0.5, 0.1],
+                        [0.0, 1.0, 2.0, 3.0]])
+
+
 def test_metrics_hand_computed():
-    scores = np.array([[0.9, 0.1, 0.2, 0.3],   # rank 0
-                       [0.5, 0.6, 0.5, 0.1],   # rank 2 (tie counts against the positive)
-                       [0.0, 1.0, 2.0, 3.0]])  # rank 3
+    scores = HAND_SCORES
     m = data.ranking_metrics(scores, ks=(1, 3))
     assert list(m) == ["auc", "recall@1", "recall@3", "ndcg@1", "ndcg@3"]
     assert m["auc"] == pytest.approx((1 + 1 / 3 + 0) / 3)
@@ -539,9 +543,7 @@ def test_metrics_edge_cases():
 
 
 def test_per_user_metrics():
-    scores = np.array([[0.9, 0.1, 0.2, 0.3],   # rank 0
-                       [0.5, 0.6, 0.5, 0.1],   # rank 2 (tie counts against the positive)
-                       [0.0, 1.0, 2.0, 3.0]])  # rank 3
+    scores = HAND_SCORES
     per_user = data.per_user_metrics(scores, ks=(1, 3))
     assert list(per_user) == ["auc", "recall@1", "recall@3", "ndcg@1", "ndcg@3"]
     assert all(v.shape == (3,) and v.dtype == np.float64 for v in per_user.values())
