@@ -100,10 +100,28 @@ class Config:
     # that do not. In the paper the masks learn only from the balanced prediction (docs/EXPERIMENTS.md,
     # structure recovery: why the masks do not find the deviating users).
     w_personal_struct: float = 0.0
+    # Our options for structure recovery (issue 20, docs/EXPERIMENTS.md), all off by default:
+    # factor_sources: where the factors come from. "joint" (the paper, section 2.3: q_phi(z | u, i)
+    # maps the encoder's joint (history, target) features to all N factors). "sides" (our choice):
+    # side-separated factors, the user-side ones from the target-independent history summary alone
+    # and the item-side ones from the target item's embedding alone, so that no factor sees both
+    # sides and a user factor can meet an item factor only through A (Eq. (7)-(8)).
+    factor_sources: str = "joint"
+    # head_form: "joint" (Eq. (15) as written, one MLP over every factor). "additive" (our choice):
+    # MLP_R = sum_k h_k([e_k ; e-hat_k]) (and MLP_R* alike), one small MLP per factor, summed as
+    # logits: factors never interact inside the head, so every interaction between them passes
+    # through A. The heads then always read [e_k ; e-hat_k] (predict_from does not apply).
+    head_form: str = "joint"
+    # w_personal_rec (our option, 0 = off): a per-user objective for the masks, the BCE of the mean
+    # personalized prediction Y*_mu alone (A fixed, as in Eq. (13)-(14)), and the personalized
+    # branch reads z detached, so that the encoder cannot absorb what this term asks of the masks.
+    # In the paper the masks learn only through Eq. (17), where Y*_mu has at most half the weight.
+    w_personal_rec: float = 0.0
 
     def __post_init__(self):
         for name, allowed in [("structure", ("none", "shared", "personalized")), ("predict_from", ("e_hat", "both")),
-                              ("encoder", ("paper", "target_attention")), ("mask_input", ("id", "id+history"))]:
+                              ("encoder", ("paper", "target_attention")), ("mask_input", ("id", "id+history")),
+                              ("factor_sources", ("joint", "sides")), ("head_form", ("joint", "additive"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 < self.n_user_factors < self.n_factors:
@@ -112,6 +130,8 @@ class Config:
             raise ValueError(f"k_A must be in 1..N(N-1)={self.n_factors * (self.n_factors - 1)}, got {self.k_A}")
         if not 1 <= self.k_e <= self.n_factors:
             raise ValueError(f"k_e must be in 1..N={self.n_factors}, got {self.k_e}")
+        if self.w_personal_rec < 0:
+            raise ValueError(f"w_personal_rec must be >= 0, got {self.w_personal_rec}")
         if self.n_mask_samples < 1 or self.tau <= 0 or self.beta <= 0:
             raise ValueError(f"need n_mask_samples >= 1, tau > 0 and beta > 0; got {self.n_mask_samples}, {self.tau}, {self.beta}")
         if self.embed_dim % self.n_heads:
@@ -710,6 +730,44 @@ def mlp(n_in, hidden, n_out):
     return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
 
 
+class SideFactors(nn.Module):
+    """Our option (Config.factor_sources = "sides"): q_phi's second component with the sides kept
+    apart. The user-side factors' mean and log-variance are a linear map of the history summary
+    (which no target sees), the item-side ones a linear map of the target item's embedding."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, d, Nu = cfg.embed_dim, cfg.factor_dim, cfg.n_user_factors
+        self.shape_u, self.shape_i = (2, Nu, d), (2, cfg.n_factors - Nu, d)
+        self.user_fc = nn.Linear(D, 2 * Nu * d)
+        self.item_fc = nn.Linear(D, 2 * (cfg.n_factors - Nu) * d)
+
+    def forward(self, summary, target_emb):
+        """summary [B, D]; target_emb [B, C, D] -> mean, logvar [B, C, N, d] (user factors first)."""
+        B, C, _ = target_emb.shape
+        user = self.user_fc(summary).unflatten(-1, self.shape_u)[:, None].expand(B, C, *self.shape_u)
+        stats = torch.cat([user, self.item_fc(target_emb).unflatten(-1, self.shape_i)], -2)
+        return stats[..., 0, :, :], stats[..., 1, :, :]
+
+
+class AdditiveHeads(nn.Module):
+    """Our option (Config.head_form = "additive"): a prediction head that is a sum over factors,
+    logit = sum_k h_k([e_k ; e-hat_k]), the N one-hidden-layer MLPs h_k evaluated together."""
+
+    def __init__(self, n_factors, factor_dim, hidden):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(n_factors, 2 * factor_dim, hidden) / math.sqrt(2 * factor_dim))
+        self.b1 = nn.Parameter(torch.zeros(n_factors, hidden))
+        self.w2 = nn.Parameter(torch.randn(n_factors, hidden) / math.sqrt(hidden * n_factors))
+        self.b2 = nn.Parameter(torch.zeros(()))
+
+    def forward(self, e, e_hat):
+        """e, e_hat [..., N, d] -> logits [...]."""
+        x = torch.cat([e, e_hat], -1)                                                  # [..., N, 2d]
+        hidden = F.gelu(torch.einsum("...nk,nkh->...nh", x, self.w1) + self.b1)
+        return torch.einsum("...nh,nh->...", hidden, self.w2) + self.b2
+
+
 class PlanRec(nn.Module):
     """Algorithm 1: Theta = {phi (encoder), theta (decoder), A, vartheta (g), MLP_mask, MLP_R, MLP_R*}."""
 
@@ -732,7 +790,9 @@ class PlanRec(nn.Module):
         self.decoder = mlp(N * d, cfg.head_hidden, 2 * D)
         self.heads_read_e = cfg.predict_from == "both" and cfg.structure != "none"
         n_head_in = N * d * (2 if self.heads_read_e else 1)
-        self.predict_shared = mlp(n_head_in, cfg.head_hidden, 1)              # MLP_R
+        additive = cfg.head_form == "additive"        # our option (Config.head_form)
+        head = (lambda: AdditiveHeads(N, d, cfg.head_hidden)) if additive else (lambda: mlp(n_head_in, cfg.head_hidden, 1))
+        self.predict_shared = head()                                           # MLP_R
         if cfg.tied_attributes:
             self.attributes = AttributePredictors(cfg)
         if cfg.structure != "none":
@@ -748,9 +808,11 @@ class PlanRec(nn.Module):
         if cfg.structure == "personalized":
             self.user_emb = nn.Embedding(cfg.n_users, D)
             nn.init.normal_(self.user_emb.weight, std=0.1)
-            self.predict_personal = mlp(n_head_in, cfg.head_hidden, 1)        # MLP_R*
+            self.predict_personal = head()                                     # MLP_R*
             self.mask_mlp = mlp(D, cfg.head_hidden, N * N + N)               # MLP_mask
         self.scm_fn = scm_fn or personalized_scm
+        if cfg.factor_sources == "sides":           # our option, created last: the default's init is unchanged
+            self.side_factors = SideFactors(cfg)
 
     def shared_A(self):
         """The A the model uses: zero diagonal (no factor causes itself), zero in dropped blocks."""
@@ -816,6 +878,8 @@ class PlanRec(nn.Module):
                                                  windows[:, L - M:], slot, target_emb)
             user_input = window_mean(with_previous_block(history_emb.detach().view(Q, W // L, L, -1), 0.0),
                                      windows[:, L - M:], slot)
+        if self.cfg.factor_sources == "sides":     # our option: no factor sees both sides (Config)
+            mean, logvar = self.side_factors(summary, target_emb)
         # Reparameterized sample while training, the mode at inference (section 2.4).
         z = mean + torch.randn_like(mean) * (0.5 * logvar).exp() if self.training else mean   # [B, C, N, d]
         # What the decoder must reconstruct: the user (mean embedding of the row's window) and the
@@ -855,6 +919,8 @@ class PlanRec(nn.Module):
         Y^c and Y*^k are probabilities, not logits (our reading): with beta = 0.002, Eq. (17) only
         balances anything on the scale of a probability's variance (at most 1/4); logit variances
         would saturate sigmoid(Var / beta) at 1 and silence the personalized branch."""
+        if self.cfg.head_form == "additive":       # our option: sum_k h_k([e_k ; e-hat_k]) (Config)
+            return torch.sigmoid(head(e, e_hat))
         x = torch.cat([e.flatten(-2), e_hat.flatten(-2)], -1) if self.heads_read_e else e_hat.flatten(-2)
         return torch.sigmoid(head(x)).squeeze(-1)
 
@@ -879,7 +945,7 @@ class PlanRec(nn.Module):
     def personalize_and_balance(self, user, out):
         """Eq. (11)-(17): N_m personalized structures, their predictions, and the balance."""
         cfg = self.cfg
-        z = out["z"]
+        z = out["z"].detach() if cfg.w_personal_rec else out["z"]   # our option (Config.w_personal_rec)
         B, C, N, d = z.shape
         logits_A, logits_e = self.mask_logits(user, out["summary"])                     # Eq. (11)
         A_fixed = self.shared_A().detach()   # the paper blocks gradients into A in Eq. (13)-(14)
@@ -900,7 +966,8 @@ class PlanRec(nn.Module):
         y_samples = self.predict(self.predict_personal, e_star, e_hat_star)              # [B, S, C]
         # Eq. (16)-(17): Y = Y^c sigma(Var/beta) + mean(Y*) (1 - sigma(Var/beta))
         y, uncertainty = balance(out["y_shared"], y_samples.permute(0, 2, 1), cfg.beta)
-        return {"y": y, "uncertainty": uncertainty, "mask_A": mask_A, "mask_e": mask_e,
+        extra = {"y_personal": y_samples.mean(1)} if cfg.w_personal_rec else {}   # our option (Config)
+        return {"y": y, "uncertainty": uncertainty, **extra, "mask_A": mask_A, "mask_e": mask_e,
                 "mask_logits_A": logits_A, "mask_logits_e": logits_e, "e_star": e_star, "e_hat_star": e_hat_star}
 
     def loss(self, out, labels, attribute_targets=None):
@@ -945,6 +1012,11 @@ class PlanRec(nn.Module):
                 alpha = cfg.dag_alpha or None
                 terms["dag"] = dag_penalty(self.shared_A(), alpha)                         # Eq. (10)
                 total = total + cfg.w_dag * terms["dag"]
+        if cfg.structure == "personalized" and cfg.w_personal_rec:
+            # our option (Config.w_personal_rec): the masks' own objective, Y*_mu on the user's own labels
+            y_personal = out["y_personal"].clamp(1e-7, 1 - 1e-7)
+            terms["recommend_personal"] = F.binary_cross_entropy(y_personal, labels.to(y_personal.dtype))
+            total = total + cfg.w_personal_rec * terms["recommend_personal"]
         if cfg.tied_attributes:
             if attribute_targets is None:
                 raise ValueError("this model ties factors to attributes: pass attribute_targets to loss()")

@@ -50,7 +50,8 @@ import data as datalib  # noqa: E402
 from datasets.synthetic import load_ground_truth, make_synthetic  # noqa: E402
 import planrec  # noqa: E402
 import train  # noqa: E402
-from analysis import diagnostics, ledger  # noqa: E402
+from analysis import diagnostics, ledger, structure_recovery as srlib  # noqa: E402
+from datasets.synthetic import make_structured_world, raw_index  # noqa: E402
 
 METRICS = train.METRICS
 LABELS = {"auc": "AUC", "recall@5": "R@5", "recall@10": "R@10", "ndcg@5": "N@5", "ndcg@10": "N@10"}
@@ -191,6 +192,15 @@ class Setup:
     train_args: list = field(default_factory=list)
     reuse: dict = field(default_factory=dict)     # run key -> folder pattern with {seed}
     permutations: int = MIN_PERMUTATIONS
+    # structure recovery's drawn worlds (issue 20): the first world's seed (training seed k of --seeds
+    # gets world seed world_seed + k), their size and edge strengths, and the rows to run
+    world_seed: int = 0
+    world_users: int = 5000
+    world_items: int = 1000
+    edge_scale: float = 1.0
+    edge_strengths: tuple = (0.5, 2.0)
+    sr_rows: tuple = ()
+    command: str = ""
 
     def main_spec(self, suffix):
         flags, what = MAIN_CONFIGS[suffix]
@@ -440,21 +450,30 @@ class Runs:
 def sign_flip_test(a, b, n_permutations=MIN_PERMUTATIONS, seed=0, batch=1000):
     """Two-sided paired sign-flip permutation test of mean(a - b) = 0 over users.
 
-    scipy.stats.permutation_test with permutation_type="samples" on the per-user differences: the
-    null distribution is mean(s * d) over n_permutations vectors s of independent random signs per
-    user (a Monte Carlo test, so p carries Monte Carlo error of about sqrt(p (1 - p) / n_permutations);
-    the exact test is used only when 2**n_users <= n_permutations). Two-sided p is twice the smaller
-    one-sided p, each (1 + #{null at least as extreme}) / (1 + n_permutations), capped at 1, so the
-    smallest attainable p is 2 / (1 + n_permutations). The differences are sorted first, so for a
-    given seed p depends only on their multiset: exactly invariant to the order of the users.
-    scipy loops over users in Python for each batch of sign vectors: about 6 s for 6,040 users and
-    10,000 permutations on one CPU core, and ~300 MB at batch=1000."""
+    The null distribution is mean(s * d) over n_permutations vectors s of independent random signs
+    per user, d = a - b (a Monte Carlo test, so p carries Monte Carlo error of about
+    sqrt(p (1 - p) / n_permutations)). Two-sided p is twice the smaller one-sided p, each
+    (1 + #{null at least as extreme}) / (1 + n_permutations), capped at 1, so the smallest
+    attainable p is 2 / (1 + n_permutations). The differences are sorted first, so for a given seed
+    p depends only on their multiset: exactly invariant to the order of the users.
+
+    scipy.stats.monte_carlo_test draws the sign-flipped samples s * |d| as its null (the same null as
+    permutation_test(permutation_type="samples"), whose per-batch Python loop over users took about
+    6 s for 6,040 users and 10,000 permutations, against 0.5 s here: issue 19's 2-minute rebuild).
+    When 2**n_users <= n_permutations, permutation_test enumerates every sign vector instead: exact."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
         raise ValueError(f"sign_flip_test needs two paired 1-D arrays of one length, got {a.shape} and {b.shape}")
-    result = stats.permutation_test((np.sort(a - b),), np.mean, permutation_type="samples", vectorized=True,
-                                    n_resamples=n_permutations, batch=batch, alternative="two-sided",
-                                    rng=np.random.default_rng(seed))
+    d = np.sort(a - b)
+    rng = np.random.default_rng(seed)
+    if len(d) < 64 and 2 ** len(d) <= n_permutations:
+        result = stats.permutation_test((d,), np.mean, permutation_type="samples", vectorized=True,
+                                        n_resamples=n_permutations, batch=batch, alternative="two-sided", rng=rng)
+        return float(result.pvalue)
+    magnitude = np.abs(d)
+    flipped = lambda size: np.where(rng.random(size) < 0.5, -magnitude, magnitude)
+    result = stats.monte_carlo_test(d, flipped, lambda x, axis: x.mean(axis), vectorized=True,
+                                    n_resamples=n_permutations, batch=batch, alternative="two-sided")
     return float(result.pvalue)
 
 
@@ -1074,6 +1093,232 @@ def structure_recovery(setup, runs):
     return Section(text, numbers, figures=[path.name])
 
 
+# ------------------------------------------------------------------------------------------------
+# Structure recovery on drawn worlds (issue 20): a world per seed with ~10 user -> item edges, every
+# attribute tied, metrics pooled over seeds, and our model options beside the paper's model
+# ------------------------------------------------------------------------------------------------
+
+# Every row: all 5 + 5 attributes tied to the 10 factors (n_factors 10, 5 user-side); K_A and K_e are
+# ours (the paper gives no values for them): keep 60 of the 65 allowed entries and every factor, so a
+# personalized structure drops a few dependencies rather than half of them. N_m = 2 (Table 3's
+# smallest sampled value; the paper uses 8 on MovieLens) and SR_EPOCHS epochs: our choices, so that
+# the experiment fits its time budget (at N_m = 8 an evaluation pass of 5,000 users takes ~6x longer).
+SR_EPOCHS = 2
+SR_MODEL = ("--attribute-prior", "both", "--set", "n_factors=10", "--set", "n_user_factors=5",
+            "--set", "k_A=60", "--set", "k_e=10", "--n-mask-samples", "2", "--epochs", str(SR_EPOCHS))
+SR_I2U = ("--drop-dependencies", "i2u")
+SR_OPTION_FLAGS = {"sides": ("--set", "factor_sources=sides"), "additive": ("--set", "head_form=additive"),
+                   "no-dep": ("--no-dependency-reg",), "personal": ("--set", "w_personal_rec=1.0"),
+                   "narrow": ("--set", "factor_dim=2"), "tied": ("--set", "w_attribute=1.0")}
+
+
+def sr_flags(*options, i2u=True):
+    return SR_MODEL + (SR_I2U if i2u else ()) + sum((SR_OPTION_FLAGS[o] for o in options), ())
+
+
+# key -> (world: 'drawn' or 'floor' (every edge weight 0), train.py flags, what, ours?)
+SR_DRAWN = {
+    "sr-paper": ("drawn", sr_flags(), "paper's model", False),
+    "sr-paper-no-dep": ("drawn", sr_flags("no-dep"), "paper's model without Eq. (9)", False),
+    "sr-sides": ("drawn", sr_flags("sides"), "ours: side-separated factors", True),
+    "sr-additive": ("drawn", sr_flags("additive"), "ours: heads additive over factors", True),
+    "sr-sides-additive": ("drawn", sr_flags("sides", "additive"), "ours: both", True),
+    "sr-sides-additive-no-dep": ("drawn", sr_flags("sides", "additive", "no-dep"), "ours: both, without Eq. (9)", True),
+    "sr-narrow": ("drawn", sr_flags("sides", "additive", "no-dep", "narrow"),
+                  "ours: both, without Eq. (9), narrow factors (d = 2)", True),
+    "sr-tied": ("drawn", sr_flags("sides", "additive", "no-dep", "tied"),
+                "ours: both, without Eq. (9), attribute losses weighted 1 (not 0.1)", True),
+    "sr-personal": ("drawn", sr_flags("sides", "additive", "no-dep", "tied", "personal"),
+                    "ours: sr-tied + the masks' own objective (w_personal_rec 1)", True),
+    "sr-no-i2u": ("drawn", sr_flags("sides", "additive", "no-dep", "tied", i2u=False),
+                  "ours: sr-tied without the i2u prior (direction tested)", True),
+    "sr-paper-floor": ("floor", sr_flags(), "paper's model, floor world (edge weights 0)", False),
+    "sr-ours-floor": ("floor", sr_flags("sides", "additive", "no-dep"), "ours: both, without Eq. (9), floor world", True),
+}
+# The world seeds the options and SR_MODEL were chosen on (issue 20: goals are judged on others).
+SR_TUNING_WORLD_SEEDS = (0,)
+SR_SCORES = ("abs_A", "effective", "loss_increase")
+SR_CEILING_PAIRS = 30_000      # positive pairs the ceiling is fitted on (a seeded subset), our choice
+
+
+def sr_world(setup, kind, world_seed):
+    """The drawn world of one seed (generated when absent): its folder."""
+    scale = 0.0 if kind == "floor" else setup.edge_scale
+    wanted = dict(n_users=setup.world_users, n_items=setup.world_items, seed=world_seed, edge_scale=scale,
+                  strength_range=tuple(setup.edge_strengths))
+    folder = Path(setup.world_dir(f"sr-{kind}-seed{world_seed}-{setup.world_users}u"))
+    if (folder / "ground_truth.npz").is_file():
+        made = json.loads(str(load_ground_truth(folder)["params"]))
+        differing = {k: (made.get(k), v) for k, v in ledger.plain(wanted).items() if made.get(k) != v}
+        if differing:
+            sys.exit(f"error: {folder} holds a world made with other settings (stored, wanted) {differing}; "
+                     f"delete it or pass another --synthetic-dir")
+    else:
+        make_structured_world(folder, **wanted)
+    return folder
+
+
+def sr_edge_scores(folder, data_dir):
+    """srlib.edge_scores of a run folder's best.pt, cached in edge_scores.npz beside it."""
+    cached = Path(folder) / "edge_scores.npz"
+    if cached.is_file():
+        with np.load(cached) as f:
+            return {k: f[k] for k in f.files}
+    if not (Path(folder) / "best.pt").is_file():
+        sys.exit(f"error: {folder}/best.pt is needed for the scale-free edge scores; run without --from-ledger")
+    model, data, _, _, device = load_trained(folder, data_dir)
+    scores = srlib.edge_scores(model, data, device)
+    train.write_npz(cached, scores)
+    return scores
+
+
+@lru_cache(maxsize=None)
+def sr_ceiling(world_dir):
+    """(scores, labels) of the ceiling of one world: a linear structure on the true attributes of
+    its training positives (srlib.ceiling_scores)."""
+    data = load_data("interactions", world_dir)
+    truth = load_ground_truth(world_dir)
+    pick = np.random.default_rng(0).permutation(len(data.train_pos))[:SR_CEILING_PAIRS]
+    users = raw_index(data.raw_user_ids)[data.train_user[pick]]
+    items = raw_index(data.raw_item_ids)[data.item_seq[data.train_pos[pick]]]
+    return srlib.ceiling_metrics(truth, users, items)
+
+
+def sr_run_numbers(record, folder, world_dir, truth):
+    """One run's scored pairs, per edge score, and its deviation AUC and NDCG@10."""
+    metrics = record.meta["metrics"]
+    cfg = planrec.Config(**metrics["config"])
+    allowed = planrec.dependency_support(cfg).numpy()
+    s = ledger.read_record(record.path).structure()
+    pairs = srlib.scored_pairs(s["factor_names"], truth, allowed)
+    scores = sr_edge_scores(folder, world_dir)
+    out = {"ndcg@10": metrics["test"]["ndcg@10"], "record": record.name}
+    for kind, (index, labels) in pairs.items():
+        out[kind] = {"labels": labels.tolist(), "pairs": [[int(p), int(c)] for p, c in index],
+                     **{name: [float(scores[name][p, c]) for p, c in index] for name in SR_SCORES}}
+    out["deviation_per_edge"], out["deviation_auc"] = srlib.deviation_auc(
+        s.get("keep_prob_A"), s["user_ids"], s["factor_names"], truth)
+    return out
+
+
+def structure_recovery_drawn(setup, runs):
+    """Train (or read from the ledger) every row of SR_DRAWN on its seeds' worlds and score them."""
+    code = ledger.code_fingerprint()
+    rows_wanted = setup.sr_rows or tuple(SR_DRAWN)
+    smoke = setup.budget == SMOKE_TEST
+    world_seeds = [setup.world_seed + k for k in range(len(setup.seeds))]
+    rows, missing, ceiling = [], [], {}
+    for key in rows_wanted:
+        kind, flags, what, ours = SR_DRAWN[key]
+        per_seed, records = [], []
+        for seed, world_seed in zip(setup.seeds, world_seeds):
+            world = sr_world(setup, kind, world_seed)
+            spec = RunSpec(f"{key}-w{world_seed}", "interactions", str(world), flags, "synthetic", what, export=True)
+            record, why = ensure_record(setup, spec, seed, code, setup.command)
+            if why:
+                missing.append(why)
+                continue
+            smoke |= record.meta["smoke_test"]
+            truth = load_ground_truth(world)
+            m = sr_run_numbers(record, setup.folder(spec, seed), str(world), truth)
+            m.update(seed=seed, world_seed=world_seed, wall_s=record.meta["wall_s"])
+            per_seed.append(m)
+            records.append(record)
+            if kind == "drawn" and world_seed not in ceiling:
+                ceiling[world_seed] = sr_ceiling(str(world))
+        if per_seed:
+            rows.append(sr_row(key, kind, flags, what, ours, per_seed, records))
+    if missing:
+        sys.exit("error: --from-ledger: no current record for\n  " + "\n  ".join(missing))
+    ceiling_summary = srlib.pooled_summary([c[0].ravel() for c in ceiling.values()],
+                                           [c[1].ravel() for c in ceiling.values()]) if ceiling else None
+    return sr_section(setup, rows, ceiling_summary, world_seeds, smoke)
+
+
+def sr_row(key, kind, flags, what, ours, per_seed, records):
+    summary = {kind_: {name: srlib.pooled_summary([p[kind_][name] for p in per_seed],
+                                                  [p[kind_]["labels"] for p in per_seed])
+                       for name in SR_SCORES} for kind_ in ("cross", "all")}
+    deviation = [p["deviation_auc"] for p in per_seed]
+    ndcg = [p["ndcg@10"] for p in per_seed]
+    return {"row": key, "world": kind, "what": what, "ours": ours, "flags": list(flags),
+            "records": [r.name for r in records], "wall_s": [p["wall_s"] for p in per_seed],
+            "edge": summary, "deviation_auc": {"mean": float(np.nanmean(deviation)) if np.isfinite(deviation).any() else float("nan"),
+                                               "per_seed": deviation},
+            "ndcg@10": {"mean": float(np.mean(ndcg)), "per_seed": ndcg}, "per_seed": per_seed}
+
+
+def sr_section(setup, rows, ceiling, world_seeds, smoke):
+    def cell(v, digits=3):
+        if not np.isfinite(v["pooled"]):
+            return "—"
+        return f"{v['pooled']:.{digits}f} [{v['low']:.2f}, {v['high']:.2f}] (mean {v['mean']:.{digits}f})"
+    head = ["row", "edge AUROC, abs(A)", "AUPRC, abs(A)", "P@k, abs(A)", "AUROC, effective", "AUROC, loss increase",
+            "AUROC all pairs (+ u->u)", "deviation AUC", "N@10", "wall s / run"]
+    lines = (["**SMOKE TEST (quick budget), not a result**", ""] if smoke else []) + [
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        e, a = r["edge"]["cross"], r["edge"]["all"]
+        lines.append("| " + " | ".join([
+            f"{r['what']} (`{r['row']}`)", cell(e["abs_A"]["auroc"]), cell(e["abs_A"]["auprc"]),
+            cell(e["abs_A"]["precision_at_k"]), cell(e["effective"]["auroc"]), cell(e["loss_increase"]["auroc"]),
+            cell(a["abs_A"]["auroc"]), f"{r['deviation_auc']['mean']:.3f}" if np.isfinite(r["deviation_auc"]["mean"]) else "—",
+            f"{r['ndcg@10']['mean']:.4f}", f"{np.mean(r['wall_s']):.0f}"]) + " |")
+    if ceiling:
+        lines.append("| ceiling: linear structure on the true attributes of positive pairs | "
+                     + " | ".join([cell(ceiling["auroc"]), cell(ceiling["auprc"]), cell(ceiling["precision_at_k"])]
+                                  + ["", "", "", "", "", ""]) + " |")
+    by_key = {r["row"]: r for r in rows}
+    candidates = [r for r in rows if r["ours"] and r["world"] == "drawn" and "--drop-dependencies" in r["flags"]]
+    best = max(candidates, key=lambda r: r["edge"]["cross"]["abs_A"]["auroc"]["mean"]) if candidates else None
+    paper = by_key.get("sr-paper")
+    tuning = sorted(set(world_seeds) & set(SR_TUNING_WORLD_SEEDS))
+    verdict = lambda ok: "not judged (smoke test)" if smoke else ("met" if ok else "not met")
+    goals = []
+    if best:
+        auroc = best["edge"]["cross"]["abs_A"]["auroc"]["mean"]
+        dev = best["deviation_auc"]["mean"]
+        goals.append(f"Best row of ours: `{best['row']}` ({best['what']}). Edge AUROC (mean of seeds) {auroc:.3f} "
+                     f"(goal >= 0.9: {verdict(auroc >= 0.9)}"
+                     + (f"; these worlds include tuning seeds {tuning}" if tuning else "; no tuning seed among these worlds")
+                     + f"); deviation AUC {dev:.3f} (goal >= 0.7: {verdict(np.isfinite(dev) and dev >= 0.7)})")
+        if paper:
+            gap = best["ndcg@10"]["mean"] - paper["ndcg@10"]["mean"]
+            goals.append(f"NDCG@10 {best['ndcg@10']['mean']:.4f} vs the paper's model {paper['ndcg@10']['mean']:.4f} "
+                         f"(difference {gap:+.4f}; goal within 0.02: {verdict(gap >= -0.02)})")
+    text = ("**Structure recovery on drawn worlds (not in the paper).** Each world seed draws its own DAG "
+            "(`datasets.synthetic.draw_world_dag`): 5 user and 5 item attributes (classes and ordered levels), "
+            "10 user -> item edges with strengths spread over "
+            f"{tuple(setup.edge_strengths)} x {setup.edge_scale} (the floor world: all 0), 3 user -> user edges, "
+            "the last user and item attribute distractors, 20% of users ignoring one edge; "
+            f"{setup.world_users} users, {setup.world_items} items, world seeds {world_seeds} (tuning seeds "
+            f"{list(SR_TUNING_WORLD_SEEDS)}). Every attribute is tied to its own factor (`--attribute-prior both`, "
+            "10 factors, 5 user-side).\n\n" + "\n".join(lines) + "\n\n" + ". ".join(goals) + ".\n\n"
+            "Edge metrics pool the seeds (scores ranked within each seed, then one AUROC / AUPRC over all pairs; "
+            "precision at k: each seed's top k = its number of true edges), with a 95% percentile bootstrap "
+            "interval (pairs resampled within seed and label, 1,000 resamples) and the mean of the per-seed values. "
+            "Scored pairs: every ordered (user-side, item-side) pair of factors the model allows, true = the world's "
+            "user -> item edge; where the i2u prior is off the item -> user pairs are scored too, so a reversed edge "
+            "counts against the model. \"All pairs\" adds the user -> user edges and every allowed pair. Scores: "
+            "abs(A); effective = abs(A[j, i]) x norm of g_i's first-layer weights on parent j (unchanged by "
+            "rescaling A[j, i] against g_i); loss increase = how much the shared prediction's BCE on 300 users' "
+            "validation candidates grows when A[j, i] is zeroed (`analysis.structure_recovery`). Deviation AUC: "
+            "per true edge, how well 1 - keep probability of its entry separates the users who ignore it; the mean "
+            "over edges. Chance: AUROC 0.5, AUPRC and P@k = the share of true pairs (10/25 with the i2u prior).")
+    numbers = {"best_row": best["row"] if best else None, "world_seeds": world_seeds,
+               "tuning_world_seeds": list(SR_TUNING_WORLD_SEEDS), "world_users": setup.world_users,
+               "edge_scale": setup.edge_scale, "edge_strengths": list(setup.edge_strengths),
+               "edge_auroc": best["edge"]["cross"]["abs_A"]["auroc"]["mean"] if best else None,
+               "edge_auroc_pooled": best["edge"]["cross"]["abs_A"]["auroc"]["pooled"] if best else None,
+               "edge_auprc": best["edge"]["cross"]["abs_A"]["auprc"]["mean"] if best else None,
+               "edge_auprc_pooled": best["edge"]["cross"]["abs_A"]["auprc"]["pooled"] if best else None,
+               "deviation_auc": best["deviation_auc"]["mean"] if best else None,
+               "ndcg@10": best["ndcg@10"]["mean"] if best else None,
+               "paper_ndcg@10": paper["ndcg@10"]["mean"] if paper else None,
+               "ceiling": ceiling, "rows": rows, "goals": goals}
+    return Section(text, numbers)
+
+
 @dataclass(frozen=True)
 class Experiment:
     name: str
@@ -1082,6 +1327,7 @@ class Experiment:
     main_runs: tuple = ()
     synthetic_runs: tuple = ()
     build: object = None
+    in_all: bool = True          # False: run only when named (structure-recovery, with its own worlds)
 
 
 EXPERIMENTS = [
@@ -1108,9 +1354,16 @@ EXPERIMENTS = [
                "the shared A, masking probabilities of four users, genres by gender, and over all users the rank "
                "correlation of genre distance from the gender with masking of Gender -> Genre", ("planrec-ui",), (),
                figure4),
-    Experiment("structure-recovery", "Structure recovery on the synthetic world (not in the paper)",
+    Experiment("structure-recovery-v1", "Structure recovery on the synthetic world, three edges (not in the paper)",
                "synthetic world: learned A vs the true DAG (edge AUC, SHD) and masks vs the deviating users "
                "(deviation AUC), 6 rows x seeds", (), SR_ROWS, structure_recovery),
+    Experiment("structure-recovery", "Structure recovery on drawn worlds (not in the paper)",
+               "worlds drawn per seed (5 user and 5 item attributes, all tied, 10 user -> item edges of mixed "
+               "strengths, 3 user -> user edges, distractors): learned A vs the true DAG (pooled AUROC, AUPRC, "
+               "precision at k with bootstrap intervals; |A| and two scale-free scores) and masks vs the deviating "
+               "users, for the paper's model and our options; not part of `all` (5,000-user worlds; 8 rows x 3 "
+               "seeds took 61 min on one busy CPU thread)",
+               (), (), structure_recovery_drawn, in_all=False),
 ]
 BY_NAME = {e.name: e for e in EXPERIMENTS}
 
@@ -1277,12 +1530,34 @@ def parse_args(argv=None):
     p.add_argument("--from-ledger", action="store_true",
                    help="never train: build every experiment from the ledger's current records, and stop listing "
                         "the runs that have none")
+    sr = p.add_argument_group("structure-recovery (drawn worlds, issue 20)")
+    sr.add_argument("--world-seed", type=int, default=0, metavar="N",
+                    help="world seed of the first training seed; training seed k of --seeds gets world N + k "
+                         f"(tuning worlds: {', '.join(map(str, SR_TUNING_WORLD_SEEDS))})")
+    sr.add_argument("--world-users", type=int, default=5000, metavar="N", help="users of each drawn world")
+    sr.add_argument("--world-items", type=int, default=1000, metavar="N", help="items of each drawn world (>= 120)")
+    sr.add_argument("--edge-scale", type=float, default=1.0, metavar="X",
+                    help="multiplies every user -> item edge strength (0: every world is a floor world)")
+    sr.add_argument("--edge-strengths", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+                    help="the 10 edges' strengths, spread evenly over [LOW, HIGH] in a random order")
+    sr.add_argument("--sr-rows", nargs="+", default=None, metavar="ROW",
+                    help=f"the rows to run (default all): {', '.join(SR_DRAWN)}")
     args = p.parse_args(argv)
     if args.list:
         return args
+    if args.world_seed < 0 or args.world_users < 1 or args.world_items < 120:
+        p.error(f"need --world-seed >= 0, --world-users >= 1 and --world-items >= 120 (100 evaluation negatives); "
+                f"got {args.world_seed}, {args.world_users}, {args.world_items}")
+    if args.edge_scale < 0 or not 0 <= args.edge_strengths[0] <= args.edge_strengths[1]:
+        p.error(f"need --edge-scale >= 0 and 0 <= LOW <= HIGH for --edge-strengths; got {args.edge_scale}, "
+                f"{args.edge_strengths[0]} {args.edge_strengths[1]}")
+    unknown_rows = sorted(set(args.sr_rows or ()) - set(SR_DRAWN))
+    if unknown_rows:
+        p.error(f"--sr-rows: unknown row(s) {unknown_rows}; choose from {', '.join(SR_DRAWN)}")
     if not args.experiments:
         p.error("name at least one experiment (or all); --list shows them")
-    wanted = [e.name for e in EXPERIMENTS] if "all" in args.experiments else args.experiments
+    wanted = [e.name for e in EXPERIMENTS if e.in_all] if "all" in args.experiments else args.experiments
+    wanted = list(dict.fromkeys(wanted + [n for n in args.experiments if n != "all"]))
     unknown = [n for n in wanted if n not in BY_NAME]
     if unknown:
         p.error(f"unknown experiment(s) {unknown}; choose from {names}, or all")
@@ -1330,10 +1605,14 @@ def main(argv=None):
     setup = Setup(out=Path(args.out), budget=args.budget, seeds=args.seeds, ledger=Path(args.ledger),
                   from_ledger=args.from_ledger, data=args.data, data_dir=args.data_dir,
                   synthetic_dir=Path(args.synthetic_dir) if args.synthetic_dir else None,
-                  train_args=args.train_args, reuse=args.reuse, permutations=args.permutations)
+                  train_args=args.train_args, reuse=args.reuse, permutations=args.permutations,
+                  world_seed=args.world_seed, world_users=args.world_users, world_items=args.world_items,
+                  edge_scale=args.edge_scale, edge_strengths=tuple(args.edge_strengths),
+                  sr_rows=tuple(args.sr_rows or ()))
     experiments = [BY_NAME[n] for n in args.experiments]
     specs = specs_for(setup, experiments)
     command = "python -m analysis.experiments " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    setup.command = command
     if args.plan:
         rows = plan(setup, specs, code)
         for where, state, seconds in rows:

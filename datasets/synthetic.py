@@ -176,6 +176,177 @@ def load(name="synthetic", root=None, rebuild=False, download=None, min_interact
     return arrays, folder
 
 
+# ------------------------------------------------------------------------------------------------
+# A world drawn per seed, for the structure-recovery experiment (issue 20): several user and item
+# attributes, every one of them observable (users.csv / items.csv, so --attribute-prior ties them
+# all), about 10 user -> item edges of mixed strengths, some user -> user edges, distractors. Written
+# as a generic interaction log (--data interactions --data-dir FOLDER), its truth in ground_truth.npz.
+# ------------------------------------------------------------------------------------------------
+
+def _world_attributes(rng, count, prefix):
+    """count attributes: (names, kinds 'class'/'ordinal', cardinalities)."""
+    kinds = np.where(np.arange(count) % 2 == 0, "class", "ordinal")   # alternate kinds, our choice
+    cards = rng.integers(3, 6, count)                                   # 3..5 values each
+    return [f"{prefix}{k}" for k in range(count)], list(kinds), [int(c) for c in cards]
+
+
+def draw_world_dag(seed, n_user_attrs=5, n_item_attrs=5, n_edges=10, n_user_edges=3,
+                   strength_range=(0.5, 2.0)):
+    """The DAG of world `seed`: (user names, item names, u2i edges [(u, i, strength)], u2u edges
+    [(parent, child)]), attributes by index. The last user and the last item attribute are
+    distractors (no user -> item edge touches them); every other user attribute has at least one
+    item child and every other item attribute at least one user parent. User -> user edges go from
+    a lower to a higher index (the attributes are drawn in index order)."""
+    rng = np.random.default_rng([seed, 20])
+    nu, ni = n_user_attrs - 1, n_item_attrs - 1                        # non-distractors
+    if not (nu >= 1 and ni >= 1 and max(nu, ni) <= n_edges <= nu * ni):
+        raise ValueError(f"need {max(nu, ni)} <= n_edges <= {nu * ni} for {n_user_attrs} user and "
+                         f"{n_item_attrs} item attributes (one of each is a distractor)")
+    if not 0 <= n_user_edges <= n_user_attrs * (n_user_attrs - 1) // 2:
+        raise ValueError(f"n_user_edges must be in 0..{n_user_attrs * (n_user_attrs - 1) // 2}")
+    pairs = [(u, i) for u in range(nu) for i in range(ni)]
+    while True:   # rejection: every non-distractor attribute on some edge
+        chosen = rng.choice(len(pairs), n_edges, replace=False)
+        edges = [pairs[k] for k in sorted(chosen)]
+        if {u for u, _ in edges} == set(range(nu)) and {i for _, i in edges} == set(range(ni)):
+            break
+    low, high = strength_range
+    strengths = np.linspace(low, high, n_edges)[rng.permutation(n_edges)]   # mixed strengths, spread evenly
+    upper = [(a, b) for a in range(n_user_attrs) for b in range(a + 1, n_user_attrs)]
+    user_edges = [upper[k] for k in sorted(rng.choice(len(upper), n_user_edges, replace=False))]
+    return ([f"ua{k}" for k in range(n_user_attrs)], [f"ia{k}" for k in range(n_item_attrs)],
+            [(u, i, float(w)) for (u, i), w in zip(edges, strengths)], user_edges)
+
+
+def make_structured_world(folder, n_users=5000, n_items=1000, mean_len=20, seed=0, n_user_attrs=5,
+                          n_item_attrs=5, n_edges=10, n_user_edges=3, strength_range=(0.5, 2.0),
+                          edge_scale=1.0, user_edge_strength=0.7, deviating_share=0.2,
+                          popularity_weight=1.0, sequence_weight=0.5):
+    """Write world `seed` (draw_world_dag) into folder as interactions.csv, users.csv, items.csv and
+    ground_truth.npz; returns folder. Read it with --data interactions --data-dir folder.
+
+    Attributes alternate between unordered classes (written as text, so they are classified) and
+    ordered levels (numbers, regressed), 3..5 values each. Users draw their attributes in index
+    order: with probability user_edge_strength a user's child attribute c copies a random map (one
+    per edge) of the value of one of its user parents p, chosen uniformly per user, else c is
+    uniform. Items draw theirs independently. A user's taste for an
+    item is the sum over the user -> item edges of strength * edge_scale * match, each match
+    standardized to mean 0 and variance 1 over all (user, item) pairs: for two ordered attributes
+    the closeness -|a - b| of their levels on a common 0..1 scale (like purchasing power and price),
+    otherwise a random affinity table of the pair of values (like group and category); plus item
+    popularity and a bonus for the previous item's value of item attribute 0. edge_scale=0 is the
+    floor world (no edge carries anything). A deviating_share of users ignores one edge at random,
+    like the paper's wealthy user. Sequences are drawn item by item without repeats (Gumbel-max).
+    Deterministic given its arguments."""
+    folder = Path(folder)
+    lengths_floor = 10  # our choice, as make_synthetic: every user has some training history
+    if n_items < 120 or mean_len < lengths_floor or n_users < 1 or not 0 <= deviating_share <= 1:
+        raise ValueError(f"need n_items >= 120 (100 evaluation negatives), mean_len >= {lengths_floor}, "
+                         f"n_users >= 1, 0 <= deviating_share <= 1")
+    if edge_scale < 0 or not 0 <= user_edge_strength <= 1 or strength_range[0] > strength_range[1]:
+        raise ValueError("need edge_scale >= 0, 0 <= user_edge_strength <= 1 and a range low <= high")
+    user_names, item_names, edges, user_edges = draw_world_dag(seed, n_user_attrs, n_item_attrs, n_edges,
+                                                               n_user_edges, strength_range)
+    rng = np.random.default_rng([seed, 21])
+    _, user_kinds, user_cards = _world_attributes(rng, n_user_attrs, "ua")
+    _, item_kinds, item_cards = _world_attributes(rng, n_item_attrs, "ia")
+
+    user_values = np.zeros((n_users, n_user_attrs), dtype=np.int64)
+    for k in range(n_user_attrs):             # a loop over attributes, vectorized over users
+        values = rng.integers(0, user_cards[k], n_users)
+        parents = [p for p, c in user_edges if c == k]
+        if parents:   # copy (a random map of) one of the parents, chosen per user
+            mapped = np.stack([rng.integers(0, user_cards[k], user_cards[p])[user_values[:, p]] for p in parents], 1)
+            mapped = mapped[np.arange(n_users), rng.integers(0, len(parents), n_users)]
+            values = np.where(rng.random(n_users) < user_edge_strength, mapped, values)
+        user_values[:, k] = values
+    item_values = np.stack([rng.integers(0, c, n_items) for c in item_cards], 1)
+
+    n_e = len(edges)
+    deviating = rng.random(n_users) < deviating_share
+    dropped = rng.integers(0, n_e, n_users)
+    user_deviation = np.where(deviating, dropped, -1)
+    edge_mask = np.ones((n_users, n_e), dtype=bool)
+    edge_mask[deviating, dropped[deviating]] = False
+    taste = np.zeros((n_users, n_items))
+    for e, (u, i, strength) in enumerate(edges):   # a loop over the ~10 edges, vectorized over pairs
+        a, b = user_values[:, u], item_values[:, i]
+        if user_kinds[u] == "ordinal" and item_kinds[i] == "ordinal":
+            match = -np.abs(a[:, None] / (user_cards[u] - 1) - b[None, :] / (item_cards[i] - 1))
+        else:
+            match = rng.normal(0.0, 1.0, (user_cards[u], item_cards[i]))[a][:, b]
+        match = (match - match.mean()) / (match.std() or 1.0)
+        taste += (strength * edge_scale) * edge_mask[:, e:e + 1] * match
+    log_popularity = rng.normal(0.0, 1.0, n_items)
+    taste += popularity_weight * log_popularity[None, :]
+
+    lengths = np.minimum(lengths_floor + rng.poisson(mean_len - lengths_floor, n_users), n_items - 101)
+    max_len = int(lengths.max())
+    chosen = np.zeros((n_users, max_len), dtype=np.int64)
+    taken = np.zeros((n_users, n_items), dtype=bool)
+    previous = np.full(n_users, -1)
+    rows = np.arange(n_users)
+    first_item_attr = item_values[:, 0]
+    for t in range(max_len):  # a loop over steps, vectorized over users and items
+        logits = taste + sequence_weight * (first_item_attr[None, :] == previous[:, None])
+        logits[taken] = -np.inf
+        pick = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
+        chosen[:, t], taken[rows, pick] = pick, True
+        previous = first_item_attr[pick]
+    timestamps = 946_684_800 + np.cumsum(rng.integers(60, 3 * 86_400, (n_users, max_len)), axis=1)
+
+    valid = np.arange(max_len)[None, :] < lengths[:, None]
+    user_col, step = np.nonzero(valid)
+    log_lines = ["user,item,timestamp"] + [f"u{u + 1},i{chosen[u, t] + 1},{timestamps[u, t]}"
+                                           for u, t in zip(user_col, step)]
+    text = lambda kind, v: f"c{v}" if kind == "class" else str(int(v))   # classes as text, levels as numbers
+    users_lines = ["user," + ",".join(user_names)] + [
+        f"u{u + 1}," + ",".join(text(user_kinds[k], user_values[u, k]) for k in range(n_user_attrs))
+        for u in range(n_users)]
+    items_lines = ["item," + ",".join(item_names)] + [
+        f"i{i + 1}," + ",".join(text(item_kinds[k], item_values[i, k]) for k in range(n_item_attrs))
+        for i in range(n_items)]
+
+    nodes = [f"user.{n}" for n in user_names] + [f"item.{n}" for n in item_names]
+    adjacency = np.zeros((len(nodes), len(nodes)), dtype=np.int8)
+    strength = np.zeros((len(nodes), len(nodes)))
+    for u, i, w in edges:
+        adjacency[u, n_user_attrs + i], strength[u, n_user_attrs + i] = 1, w * edge_scale
+    for p, c in user_edges:
+        adjacency[p, c], strength[p, c] = 1, user_edge_strength
+    params = {"kind": "structured", "n_users": n_users, "n_items": n_items, "mean_len": mean_len, "seed": seed,
+              "n_user_attrs": n_user_attrs, "n_item_attrs": n_item_attrs, "n_edges": n_edges,
+              "n_user_edges": n_user_edges, "strength_range": list(strength_range), "edge_scale": edge_scale,
+              "user_edge_strength": user_edge_strength, "deviating_share": deviating_share,
+              "popularity_weight": popularity_weight, "sequence_weight": sequence_weight}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".world-", dir=folder.parent))
+    try:
+        for name, lines in (("interactions.csv", log_lines), ("users.csv", users_lines), ("items.csv", items_lines)):
+            (tmp / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # Arrays indexed by raw id - 1 (user 'u7' -> [6]); edges index edge_parent/edge_child into nodes.
+        np.savez(tmp / "ground_truth.npz", nodes=np.array(nodes), adjacency=adjacency, strength=strength,
+                 edges=np.array([[nodes[u], nodes[n_user_attrs + i]] for u, i, _ in edges]),
+                 edge_strength=np.array([w * edge_scale for *_, w in edges]),
+                 user_edges=np.array([[nodes[p], nodes[c]] for p, c in user_edges]).reshape(-1, 2),
+                 user_kinds=np.array(user_kinds), item_kinds=np.array(item_kinds),
+                 user_cards=np.array(user_cards), item_cards=np.array(item_cards),
+                 user_values=user_values, item_values=item_values, user_id=np.arange(1, n_users + 1),
+                 user_edge_mask=edge_mask, user_deviation=user_deviation, user_length=lengths,
+                 item_log_popularity=log_popularity, params=np.array(json.dumps(params)))
+        common.move_into_place(tmp, folder, last=("ground_truth.npz", "interactions.csv"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def raw_index(ids):
+    """Raw ids of a structured world ('u7', 'i12', as RecData.raw_user_ids / raw_item_ids hold
+    them) -> indices into its ground-truth arrays (6, 11); '' (the padding item) -> -1."""
+    return np.array([int(str(x)[1:]) - 1 if str(x) else -1 for x in ids], dtype=np.int64)
+
+
+
 if __name__ == "__main__":
     name = lambda args: "synthetic-ood" if args.ood else "synthetic"
     common.main(__doc__, lambda args: (name(args), load(name(args), args.data_dir, args.rebuild)[0]),
