@@ -194,10 +194,15 @@ PRESETS = {
 # made of user sequences (data.RecData.train_sequences), each encoded once, and every training
 # position of a sequence reads its window of the encoded history.
 
+def mask_bias(allowed, dtype):
+    """Additive attention bias from a boolean mask: 0 where allowed, -inf elsewhere. The same as a
+    boolean mask, and faster in SDPA on CPU; made once per forward and shared by the layers."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
 def padding_bias(keep, dtype):
-    """[B, 1, 1, T] additive attention bias from keep [B, T] (False at padding): 0 or -inf. The same
-    as a boolean mask, and faster in SDPA on CPU; made once per forward and shared by the layers."""
-    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))[:, None, None, :]
+    """[B, 1, 1, T] attention bias from keep [B, T] (False at padding)."""
+    return mask_bias(keep, dtype)[:, None, None, :]
 
 
 def context_length(cfg):
@@ -261,11 +266,6 @@ def band_windows(history, segment, length):
     key_segment = with_previous_block(blocks(segment), -1)
     return ((offset >= 0) & (offset < length) & key_real[:, None, :]
             & (blocks(segment).flatten(0, 1)[:, :, None] == key_segment[:, None, :]))
-
-
-def mask_bias(allowed, dtype):
-    """Additive attention bias from a boolean mask: 0 where allowed, -inf elsewhere."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
 
 
 def band_bias(windows, dtype):

@@ -567,9 +567,9 @@ def main(argv=None):
     summary = {"args": vars(args), "config": cfg.to_dict(), "kernel": kernel_name,
                "device": str(device), "best_epoch": ckpt["epoch"], "test": test, "popularity_test": popularity,
                "epochs": history, "wall_s": time.time() - started,
-               # where the numbers come from (analysis/ledger.py keeps it in the run's record)
-               "provenance": {"commit": ledger.git_commit(), "machine": ledger.machine(str(device)),
-                              "command": ["python", "train.py", *map(str, sys.argv[1:] if argv is None else argv)]}}
+               # where the numbers come from (analysis.ledger.record_run reads these into the run's record)
+               "commit": ledger.git_commit(), "machine": ledger.machine(str(device)),
+               "command": ["python", "train.py", *map(str, sys.argv[1:] if argv is None else argv)]}
     write_json(out_dir / "metrics.json", summary)
     print(f"wrote {out_dir / 'metrics.json'} ({summary['wall_s']:.0f}s)")
     return summary
