@@ -1527,6 +1527,9 @@ def parse_args(argv=None):
                                                         "time) and exit without training")
     p.add_argument("--ledger", default=str(ledger.LEDGER), metavar="DIR",
                    help="the ledger of run records, read first and written as runs finish (default: the repository's)")
+    p.add_argument("--runs", nargs="+", default=None, metavar="KEY",
+                   help="train (or find in the ledger) only these configurations, in this order (e.g. planrec vae ssl, "
+                        "or ml-1m-planrec, synth-sr-main), each for every --seeds, and build no report; no NAME needed")
     p.add_argument("--from-ledger", action="store_true",
                    help="never train: build every experiment from the ledger's current records, and stop listing "
                         "the runs that have none")
@@ -1554,8 +1557,16 @@ def parse_args(argv=None):
     unknown_rows = sorted(set(args.sr_rows or ()) - set(SR_DRAWN))
     if unknown_rows:
         p.error(f"--sr-rows: unknown row(s) {unknown_rows}; choose from {', '.join(SR_DRAWN)}")
-    if not args.experiments:
-        p.error("name at least one experiment (or all); --list shows them")
+    if args.runs:
+        known_runs = {**{k: k for k in MAIN_CONFIGS}, **{f"{args.data}-{k}": k for k in MAIN_CONFIGS},
+                      **{k: k for k in SYNTHETIC_CONFIGS}}
+        unknown = [k for k in args.runs if k not in known_runs]
+        if unknown:
+            p.error(f"--runs: unknown configuration(s) {unknown}; choose from {', '.join(MAIN_CONFIGS)} "
+                    f"(or ml-1m-KEY) or {', '.join(SYNTHETIC_CONFIGS)}")
+        args.runs = list(dict.fromkeys(known_runs[k] for k in args.runs))
+    if not args.experiments and not args.runs:
+        p.error("name at least one experiment (or all), or --runs KEY ...; --list shows them")
     wanted = [e.name for e in EXPERIMENTS if e.in_all] if "all" in args.experiments else args.experiments
     wanted = list(dict.fromkeys(wanted + [n for n in args.experiments if n != "all"]))
     unknown = [n for n in wanted if n not in BY_NAME]
@@ -1611,6 +1622,9 @@ def main(argv=None):
                   sr_rows=tuple(args.sr_rows or ()))
     experiments = [BY_NAME[n] for n in args.experiments]
     specs = specs_for(setup, experiments)
+    if args.runs:        # just these configurations, in the order given, and no report
+        specs = [setup.synthetic_spec(k) if k in SYNTHETIC_CONFIGS else setup.main_spec(k) for k in args.runs]
+        experiments = []
     command = "python -m analysis.experiments " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     setup.command = command
     if args.plan:
@@ -1621,7 +1635,7 @@ def main(argv=None):
               f"min on 2 CPU cores ({budget_text(setup.budget)}); ledger {setup.ledger}, model code {code['hash']}")
         return rows
     setup.out.mkdir(parents=True, exist_ok=True)
-    for world in sorted({SYNTHETIC_CONFIGS[k][0] for e in experiments for k in e.synthetic_runs}):
+    for world in sorted({SYNTHETIC_CONFIGS[s.key][0] for s in specs if s.key in SYNTHETIC_CONFIGS}):
         ensure_world(setup, world)
     records, missing = {}, []
     with tqdm(total=len(specs) * len(setup.seeds), desc="runs", unit="run", dynamic_ncols=True) as bar:
@@ -1636,6 +1650,10 @@ def main(argv=None):
         sys.exit(f"error: --from-ledger: {len(missing)} of {len(specs) * len(setup.seeds)} runs have no current record "
                  f"in {setup.ledger} ({budget_text(setup.budget)}, model code {code['hash']}):\n  "
                  + "\n  ".join(missing) + "\nrun without --from-ledger to train them (--plan says how long)")
+    if args.runs:
+        for key, found in records.items():
+            print(f"{key}: " + ", ".join(f"{r.name} (test NDCG@10 {r.meta['metrics']['test']['ndcg@10']:.4f})" for r in found))
+        return records
     runs = Runs(setup, records)
     for experiment in experiments:
         started = time.time()
