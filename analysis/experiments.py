@@ -68,11 +68,15 @@ SMOKE_TEST_NOTE = ("**Smoke test (quick budget).** These runs are trained for a 
 BUDGETS = {
     "quick": {"main": ("--epochs", "1", "--max-steps", "60"), "synthetic": ("--epochs", "4")},
     "full": {"main": (), "synthetic": ()},
+    # issue 19: to convergence, with no time cap: early stopping with patience 3 and a cap (100
+    # epochs) that no run of ours has come near (the default's 20 is near the VAE base's 18 epochs)
+    "converged": {"main": ("--epochs", "100", "--patience", "3"), "synthetic": ("--epochs", "100", "--patience", "3")},
 }
-# Rough wall seconds per run on 2 busy CPU cores, for --plan: an ML-1M step takes ~0.4 s (480 steps
-# per epoch) and validation + test ~20 s; a synthetic epoch ~15 s, its evaluation ~10 s.
-ESTIMATED_SECONDS = {("main", "quick"): 60, ("main", "full"): 660, ("synthetic", "quick"): 70,
-                     ("synthetic", "full"): 160}
+# Rough wall seconds per run on 2 quiet CPU cores, for --plan where the ledger has no record of the
+# configuration to time it by: an ML-1M PlanRec epoch takes ~3.6 min and the default stops after ~11
+# (issue 18, docs/RESULTS.md; the VAE base and +SSL are 3-5x faster per step); a synthetic epoch ~15 s.
+ESTIMATED_SECONDS = {("main", "quick"): 60, ("main", "full"): 2400, ("main", "converged"): 3600,
+                     ("synthetic", "quick"): 70, ("synthetic", "full"): 160, ("synthetic", "converged"): 300}
 
 # ------------------------------------------------------------------------------------------------
 # The paper's numbers (MovieLens rows; metric order AUC, R@5, R@10, N@5, N@10)
@@ -597,6 +601,52 @@ def markdown_table(title, rows):
             lines.append("| " + " | ".join([f"*{r['label']}, paper*"] + [f"*{r['paper'][m]:.4f}*" for m in METRICS]
                                            + ["*best baseline*" if pp else "", ""]
                                            + [f"*{fmt_p(pp.get(m))}*" if pp else "" for m in TESTED] + [""]) + " |")
+    return "\n".join(lines)
+
+
+# A claim of the paper (a row above another in one of its tables) holds here when our difference
+# has the paper's sign at p < CLAIM_ALPHA (paired sign-flip test on per-user NDCG@10, two-sided);
+# 0.05 and one test per claim, with no correction for the number of claims, are our choices.
+CLAIM_ALPHA = 0.05
+
+
+def claim_verdict(paper_delta, ours_delta, p, smoke):
+    """'holds', 'does not hold' (significant, the other way or where the paper has no difference),
+    'within noise' (p >= CLAIM_ALPHA), or 'not judged (smoke test)'."""
+    if smoke:
+        return "not judged (smoke test)"
+    if p is None or not np.isfinite(p) or p >= CLAIM_ALPHA:
+        return "within noise"
+    return "holds" if np.sign(ours_delta) == np.sign(paper_delta) != 0 else "does not hold"
+
+
+def table_claims(rows, table_name):
+    """The paper's claims in one table: every comparison the table tests (a row and its "vs" row)
+    where the paper has both rows, with the paper's difference of NDCG@10, ours, our p and the verdict."""
+    by_label = {r["label"]: r for r in rows}
+    claims = []
+    for r in rows:
+        for other in r["compared_with"]:
+            base = by_label[other]
+            if not (r["paper"] and base["paper"]):
+                continue
+            paper_delta = r["paper"]["ndcg@10"] - base["paper"]["ndcg@10"]
+            ours_delta = r["metrics"]["ndcg@10"]["mean"] - base["metrics"]["ndcg@10"]["mean"]
+            p = r["p_values"][other]["ndcg@10"]
+            smoke = r["smoke_test"] or base["smoke_test"]
+            claims.append({"table": table_name, "row": r["label"], "vs": other, "metric": "ndcg@10",
+                           "paper_delta": paper_delta, "ours_delta": ours_delta, "p": p,
+                           "seeds": r["seeds"], "budget": r["budget"], "smoke_test": bool(smoke),
+                           "verdict": claim_verdict(paper_delta, ours_delta, p, smoke)})
+    return claims
+
+
+def claims_markdown(claims):
+    lines = ["| table | claim (paper) | paper ΔN@10 | ours ΔN@10 | p | verdict |", "|---|---|---|---|---|---|"]
+    for c in claims:
+        direction = ">" if c["paper_delta"] > 0 else "<" if c["paper_delta"] < 0 else "="
+        lines.append(f"| {c['table']} | {c['row']} {direction} {c['vs']} | {c['paper_delta']:+.4f} | "
+                     f"{c['ours_delta']:+.4f} | {fmt_p(c['p'])} | {c['verdict']} |")
     return "\n".join(lines)
 
 
@@ -1430,14 +1480,18 @@ def write_experiment(setup, experiment, section, runs, command, wall_s):
     used = {r.name: {"key": k, "seed": r.meta["seed"], "budget": r.meta["budget"], "wall_s": r.meta["wall_s"],
                      "commit": (r.meta["commit"] or {}).get("head"), "machine": machine_text(r)}
             for k in keys for r in runs[k]}
+    claims = [c for name, rows in section.tables.items() for c in table_claims(rows, name.removesuffix(".csv"))]
+    claims_text = (f"\n**The paper's claims here** (holds: our difference has the paper's sign at p < {CLAIM_ALPHA}):\n\n"
+                   f"{claims_markdown(claims)}\n" if claims else "")
     numbers = {"experiment": experiment.name, "title": experiment.title, "reproduces": experiment.what,
                "budget": setup.budget, "smoke_test": smoke, "seeds": setup.seeds,
                "budget_flags": {k: list(v) for k, v in BUDGETS[setup.budget].items()},
                "train_args": setup.train_args, "data": setup.data, "permutations": setup.permutations,
                "commit": git_commit(), "command": command, "wall_s_build": wall_s, "ledger": str(setup.ledger),
                "records": used, "figures": section.figures, "tables": sorted(section.tables), **section.numbers,
+               "claims": claims,
                "markdown": f"## {experiment.title}\n\n*{experiment.what}.*\n\n"
-                           + (f"> {SMOKE_TEST_NOTE}\n\n" if smoke else "") + f"{section.markdown}\n"}
+                           + (f"> {SMOKE_TEST_NOTE}\n\n" if smoke else "") + f"{section.markdown}\n{claims_text}"}
     for name, rows in section.tables.items():
         write_table_csv(setup.out / name, rows)
     train.write_json(setup.out / f"{experiment.name}.json", clean_json(numbers))
@@ -1445,12 +1499,13 @@ def write_experiment(setup, experiment, section, runs, command, wall_s):
 
 def write_report(setup, command):
     """REPORT.md from every NAME.json in the output folder, in the paper's order."""
-    sections, used, smoke = [], {}, False
+    sections, used, smoke, claims = [], {}, False, []
     for experiment in EXPERIMENTS:
         path = setup.out / f"{experiment.name}.json"
         if path.is_file():
             stored = json.loads(path.read_text())
             smoke |= stored["smoke_test"]
+            claims += stored.get("claims", [])
             used.update(stored["records"])
             sections.append(stored["markdown"] + f"\n*{stored['budget']} budget"
                             + (" (smoke test)" if stored["smoke_test"] else "") + f", seeds {stored['seeds']}, commit "
@@ -1471,6 +1526,13 @@ def write_report(setup, command):
               "p-values: paired two-sided sign-flip permutation test over users of the per-user NDCG@10 / "
               f"Recall@10 (averaged over seeds) between a row and the row in its \"vs\" cell; {setup.permutations} "
               "random sign vectors, seeded; p = (1 + exceedances) / (1 + permutations).\n")
+    if claims:
+        counts = {v: sum(c["verdict"] == v for c in claims) for v in dict.fromkeys(c["verdict"] for c in claims)}
+        header += (f"\n## The paper's claims, all tables\n\n{len(claims)} comparisons the paper's tables make, "
+                   + ", ".join(f"{n} {v}" for v, n in counts.items())
+                   + f" (holds: our difference of NDCG@10 has the paper's sign at p < {CLAIM_ALPHA}, paired sign-flip "
+                   "test over users; within noise: p >= that; one test per claim, uncorrected).\n\n"
+                   + claims_markdown(claims) + "\n")
     (setup.out / "REPORT.md").write_text(header + "\n" + "\n".join(sections))
 
 
@@ -1508,7 +1570,8 @@ def parse_args(argv=None):
     p.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
                    help="quick: ML-1M runs " + " ".join(BUDGETS["quick"]["main"]) + ", synthetic runs "
                         + " ".join(BUDGETS["quick"]["synthetic"]) + " (about 90 min on 2 CPU cores for all): a "
-                        "smoke test of the pipeline, labelled so in every table, JSON and report; full: train.py's defaults")
+                        "smoke test of the pipeline, labelled so in every table, JSON and report; full: train.py's defaults; "
+                        "converged: " + " ".join(BUDGETS["converged"]["main"]) + " (to convergence, no time cap)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds of every configuration")
     p.add_argument("--out", default=None, help="output folder (REPORT.md, NAME.json, CSVs, PNGs, runs/)")
     p.add_argument("--data", choices=["ml-1m", "synthetic"], default="ml-1m",
@@ -1529,7 +1592,8 @@ def parse_args(argv=None):
                    help="the ledger of run records, read first and written as runs finish (default: the repository's)")
     p.add_argument("--runs", nargs="+", default=None, metavar="KEY",
                    help="train (or find in the ledger) only these configurations, in this order (e.g. planrec vae ssl, "
-                        "or ml-1m-planrec, synth-sr-main), each for every --seeds, and build no report; no NAME needed")
+                        "or ml-1m-planrec, synth-sr-main), each for every --seeds; print their test metrics, each "
+                        "tested against the first (paired sign-flip test), and build no report; no NAME needed")
     p.add_argument("--from-ledger", action="store_true",
                    help="never train: build every experiment from the ledger's current records, and stop listing "
                         "the runs that have none")
@@ -1565,6 +1629,8 @@ def parse_args(argv=None):
             p.error(f"--runs: unknown configuration(s) {unknown}; choose from {', '.join(MAIN_CONFIGS)} "
                     f"(or ml-1m-KEY) or {', '.join(SYNTHETIC_CONFIGS)}")
         args.runs = list(dict.fromkeys(known_runs[k] for k in args.runs))
+        if args.experiments:
+            p.error("--runs trains (or finds) configurations and builds no report: name experiments or give --runs, not both")
     if not args.experiments and not args.runs:
         p.error("name at least one experiment (or all), or --runs KEY ...; --list shows them")
     wanted = [e.name for e in EXPERIMENTS if e.in_all] if "all" in args.experiments else args.experiments
@@ -1595,14 +1661,30 @@ def parse_args(argv=None):
     return args
 
 
+def estimated_seconds(setup, spec):
+    """How long one run of spec takes: the median wall time of the ledger's records of the same key
+    and budget (any seed, any code: a record says how long its configuration took on its machine),
+    else a rough constant (ESTIMATED_SECONDS). Returns (seconds, where the estimate comes from)."""
+    walls = []
+    for path in sorted(setup.ledger.glob(f"{spec.key}-seed*-*.npz")):
+        meta = ledger.read_record(path, arrays=False).meta
+        if meta["key"] == spec.key and meta["budget"] == setup.budget and meta.get("wall_s"):
+            walls.append(meta["wall_s"])
+    if walls:
+        return float(np.median(walls)), f"median of {len(walls)} record{'s' * (len(walls) > 1)}"
+    return ESTIMATED_SECONDS[(spec.kind, setup.budget)], "rough constant"
+
+
 def plan(setup, specs, code):
-    """[(record or folder, state, estimated seconds)] of every run (run_state's states)."""
+    """[(record or folder, state, estimated seconds, where the estimate comes from)] of every run
+    (run_state's states)."""
     rows = []
     for spec in specs:
+        estimate = estimated_seconds(setup, spec)
         for seed in setup.seeds:
             state, _, where = run_state(setup, spec, seed, code)
-            train_s = ESTIMATED_SECONDS[(spec.kind, setup.budget)] if state in ("new", "resume", "stale") else 0
-            rows.append((where, state, train_s))
+            train_s, source = estimate if state in ("new", "resume", "stale") else (0, "")
+            rows.append((where, state, train_s, source))
     return rows
 
 
@@ -1629,8 +1711,8 @@ def main(argv=None):
     setup.command = command
     if args.plan:
         rows = plan(setup, specs, code)
-        for where, state, seconds in rows:
-            print(f"{state:10s} ~{seconds / 60:5.1f} min  {where}")
+        for where, state, seconds, source in rows:
+            print(f"{state:10s} ~{seconds / 60:5.1f} min  {where}" + (f"  ({source})" if source else ""))
         print(f"{sum(r[2] > 0 for r in rows)} of {len(rows)} runs to train, about {sum(r[2] for r in rows) / 60:.0f} "
               f"min on 2 CPU cores ({budget_text(setup.budget)}); ledger {setup.ledger}, model code {code['hash']}")
         return rows
@@ -1650,9 +1732,12 @@ def main(argv=None):
         sys.exit(f"error: --from-ledger: {len(missing)} of {len(specs) * len(setup.seeds)} runs have no current record "
                  f"in {setup.ledger} ({budget_text(setup.budget)}, model code {code['hash']}):\n  "
                  + "\n  ".join(missing) + "\nrun without --from-ledger to train them (--plan says how long)")
-    if args.runs:
+    if args.runs:       # each configuration's test metrics, and each tested against the first
+        first, *others = records
+        rows = table(setup, Runs(setup, records), [Row(first, first)] + [Row(k, k, compare=first) for k in others])
+        print(markdown_table(f"--runs, seeds {setup.seeds}, from {setup.ledger}", rows))
         for key, found in records.items():
-            print(f"{key}: " + ", ".join(f"{r.name} (test NDCG@10 {r.meta['metrics']['test']['ndcg@10']:.4f})" for r in found))
+            print(f"{key}: " + ", ".join(r.name for r in found))
         return records
     runs = Runs(setup, records)
     for experiment in experiments:

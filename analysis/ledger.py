@@ -32,8 +32,9 @@ the file, so a run re-recorded with new code replaces its stale record (git keep
 
 Reuse. A record is reused where its identity matches and its code fingerprint equals the code's now.
 The fingerprint is a SHA-256 per file of MODEL_CODE, the files that determine a run's numbers
-(the model, the protocol and metrics, the training loop and evaluation, the kernels, the dataset
-preparation, the attribute targets and the exported statistics), each parsed and unparsed without
+(the model, the protocol and metrics, the training loop and evaluation, the kernels, the attribute
+targets and the exported statistics; not the dataset preparation, whose output the identity's data
+fingerprint pins), each parsed and unparsed without
 docstrings, so comments, docstrings and formatting do not count and any change to the code does.
 The commit is stored but not compared: a record from another commit is reused when those files
 compute the same, and one from the same commit with uncommitted model changes is not. A record
@@ -48,6 +49,7 @@ record says so ("code_assumed": true).
 """
 
 import ast
+import fnmatch
 import hashlib
 import json
 import os
@@ -68,8 +70,9 @@ import data as datalib
 FORMAT = 1
 ROOT = Path(__file__).resolve().parents[1]
 LEDGER = ROOT / "ledger"
-MODEL_CODE = ("planrec.py", "data.py", "train.py", "kernels/*.py", "datasets/*.py", "analysis/attributes.py",
-              "analysis/diagnostics.py")
+# Not datasets/*.py: what a preparation script computes is the data, and the data's own fingerprint
+# is part of a run's identity, so a change to one dataset's script touches only that dataset's runs.
+MODEL_CODE = ("planrec.py", "data.py", "train.py", "kernels/*.py", "analysis/attributes.py", "analysis/diagnostics.py")
 # train.py arguments that say where a run writes or how it is computed, not what it computes.
 NOT_IDENTITY = ("out", "data_dir", "threads", "device", "kernel", "resume", "eval_only", "checkpoint", "export")
 
@@ -101,9 +104,17 @@ def code_fingerprint(root=ROOT):
 
 
 def code_differences(stored, now):
-    """The MODEL_CODE files whose hash differs between two fingerprints (added or removed too)."""
+    """The MODEL_CODE files whose hash differs between two fingerprints (added or removed too).
+    Files that a stored fingerprint has and today's MODEL_CODE does not name (datasets/*.py, in
+    records from before it left MODEL_CODE) are not compared."""
     a, b = stored.get("files", {}), now["files"]
-    return sorted(f for f in set(a) | set(b) if a.get(f) != b.get(f))
+    named = {f for f in a if any(fnmatch.fnmatch(f, pattern) for pattern in MODEL_CODE)}
+    return sorted(f for f in named | set(b) if a.get(f) != b.get(f))
+
+
+def same_code(stored, now):
+    """Does a record's code fingerprint compute what today's does (no MODEL_CODE file differs)?"""
+    return stored.get("hash") == now["hash"] or not code_differences(stored, now)
 
 
 def data_fingerprint(data):
@@ -271,7 +282,7 @@ def lookup(directory, key, seed, matches, code):
     found = sorted((r for r in found if r.meta["key"] == key and r.meta["seed"] == seed and matches(r.meta["identity"])),
                    key=lambda r: r.meta["recorded_at"], reverse=True)
     for state in ("current", "stale"):
-        chosen = [r for r in found if (r.meta["code"]["hash"] == code["hash"]) == (state == "current")]
+        chosen = [r for r in found if same_code(r.meta["code"], code) == (state == "current")]
         if chosen:
             return state, read_record(chosen[0].path)
     return "missing", None
@@ -288,7 +299,7 @@ def record_run(directory, key, seed, ident, folder, structures, provenance, code
     run_code = metrics.get("code") or code
     if path.is_file():
         old = read_record(path)
-        if old.meta["metrics_sha256"] == sha and old.meta["code"]["hash"] == run_code["hash"]:
+        if old.meta["metrics_sha256"] == sha and same_code(old.meta["code"], run_code):
             return old
     with np.load(folder / "test_scores.npz") as f:
         arrays = {"user_ids": f["user_ids"], "test_rank": test_rank(f["scores"])}

@@ -445,7 +445,20 @@ def test_from_ledger_stops_listing_what_is_missing(everything, worlds, tmp_path,
     with pytest.raises(SystemExit, match=r"2 of 4 runs have no current record.*\n  synthetic-planrec seed 7: no record"):
         ex.main(argv[:seeds + 1] + ["0", "7"] + argv[seeds + 3:])
     rows = ex.main(argv[:seeds + 1] + ["0", "7"] + argv[seeds + 3:] + ["--plan"])
-    assert sorted(state for _, state, _ in rows) == ["ledger", "ledger", "missing", "missing"]
+    assert sorted(state for _, state, *_ in rows) == ["ledger", "ledger", "missing", "missing"]
+
+
+def test_plan_times_a_new_run_by_the_records_of_its_configuration(everything, worlds, tmp_path):
+    argv = experiment_argv(worlds, tmp_path / "planned", "table2", "--plan", ledger=everything / "ledger")
+    seeds = argv.index("--seeds")
+    rows = ex.main(argv[:seeds + 1] + ["0", "7"] + argv[seeds + 3:])
+    walls = {key: [ledger.read_record(p, arrays=False).meta["wall_s"] for p in (everything / "ledger").glob(f"{key}-seed*")]
+             for key in ("synthetic-vae", "synthetic-planrec")}
+    new = {where: (seconds, source) for where, state, seconds, source in rows if state == "new"}
+    assert len(new) == 2
+    for where, (seconds, source) in new.items():
+        key = "synthetic-vae" if "synthetic-vae-seed7" in where else "synthetic-planrec"
+        assert source == "median of 2 records" and seconds == pytest.approx(np.median(walls[key]))
 
 
 def test_a_record_of_other_model_code_is_not_reused(everything, worlds, tmp_path, monkeypatch):
@@ -458,7 +471,7 @@ def test_a_record_of_other_model_code_is_not_reused(everything, worlds, tmp_path
     assert ledger.code_differences(other, ledger.code_fingerprint()) == ["planrec.py"]
     ledger.write_record(path, {**record.meta, "code": other}, record.arrays)       # as if trained at that commit
 
-    states = {state: where for where, state, _ in ex.main(experiment_argv(worlds, everything, "table2", "--plan"))}
+    states = {state: where for where, state, *_ in ex.main(experiment_argv(worlds, everything, "table2", "--plan"))}
     assert set(states) == {"ledger", "stale"} and "STALE: planrec.py differ" in states["stale"]
     with pytest.raises(SystemExit, match="synthetic-vae seed 0: STALE: planrec.py differ"):
         ex.main(experiment_argv(worlds, tmp_path / "rebuilt", "table2", "--from-ledger", ledger=everything / "ledger"))
@@ -514,7 +527,63 @@ def test_missing_test_scores_are_regenerated_from_best_pt(everything, worlds):
         np.testing.assert_array_equal(f["uncertainty"], before["uncertainty"])
 
 
+def test_runs_finds_or_trains_only_the_named_configurations_and_writes_no_report(everything, worlds, tmp_path,
+                                                                                monkeypatch, capsys):
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"a recorded run was trained: {argv}"))
+    out = tmp_path / "just-runs"
+    records = ex.main(experiment_argv(worlds, out, "--runs", "vae", "synthetic-planrec", ledger=everything / "ledger"))
+    assert list(records) == ["synthetic-vae", "synthetic-planrec"]
+    assert [r.meta["seed"] for r in records["synthetic-vae"]] == [0, 1]
+    assert not (out / "REPORT.md").exists() and not list(out.glob("*.json"))
+    # the printed table: each configuration's mean test NDCG@10, the second tested against the first
+    printed = capsys.readouterr().out
+    table2 = {r["label"]: r for r in read(everything, "table2")["rows"]}
+    planrec_row = next(line for line in printed.splitlines() if line.startswith("| synthetic-planrec ("))
+    assert f"{table2['PlanRec']['metrics']['ndcg@10']['mean']:.4f}" in planrec_row and "| synthetic-vae |" in planrec_row
+    assert ex.fmt_p(table2["PlanRec"]["p_values"]["VAE base"]["ndcg@10"]) in planrec_row
+
+
+def test_runs_rejects_an_unknown_configuration(capsys):
+    with pytest.raises(SystemExit):
+        ex.parse_args(["--runs", "planrec", "nonsense", "--out", "x"])
+    assert "--runs: unknown configuration(s) ['nonsense']" in capsys.readouterr().err
+
+
+def test_claim_verdicts():
+    assert ex.claim_verdict(0.05, 0.01, 1e-4, smoke=False) == "holds"
+    assert ex.claim_verdict(0.05, -0.01, 1e-4, smoke=False) == "does not hold"
+    assert ex.claim_verdict(0.0, 0.01, 1e-4, smoke=False) == "does not hold"     # the paper has no difference
+    assert ex.claim_verdict(0.05, 0.01, 0.2, smoke=False) == "within noise"
+    assert ex.claim_verdict(0.05, 0.01, float("nan"), smoke=False) == "within noise"
+    assert ex.claim_verdict(0.05, 0.01, 1e-4, smoke=True) == "not judged (smoke test)"
+
+
+def test_every_table_states_the_papers_claims(everything):
+    table2 = read(everything, "table2")
+    [claim] = table2["claims"]              # PlanRec vs VAE base; the paper has no popularity row
+    rows = {r["label"]: r for r in table2["rows"]}
+    assert (claim["row"], claim["vs"]) == ("PlanRec", "VAE base")
+    assert claim["paper_delta"] == pytest.approx(ex.PAPER["planrec"]["ndcg@10"] - ex.PAPER["vae"]["ndcg@10"])
+    assert claim["ours_delta"] == pytest.approx(rows["PlanRec"]["metrics"]["ndcg@10"]["mean"]
+                                                - rows["VAE base"]["metrics"]["ndcg@10"]["mean"])
+    assert claim["p"] == rows["PlanRec"]["p_values"]["VAE base"]["ndcg@10"]
+    assert claim["verdict"] == "not judged (smoke test)"                   # quick budget
+    assert len(read(everything, "tables7-8")["claims"]) >= 6
+    report = (everything / "REPORT.md").read_text()
+    assert "## The paper's claims, all tables" in report and "| table2 | PlanRec > VAE base |" in report
+
+
 def test_plan_lists_runs_without_training(worlds, tmp_path):
     rows = ex.main(experiment_argv(worlds, tmp_path / "planned", "table2", "--plan"))
-    assert len(rows) == 4 and {state for _, state, _ in rows} == {"new"}
+    assert len(rows) == 4 and {state for _, state, _, _ in rows} == {"new"}
+    assert {source for *_, source in rows} == {"rough constant"}        # an empty ledger times nothing
     assert not (tmp_path / "planned").exists()
+
+
+def test_the_converged_budget_stops_on_patience_3_far_below_its_cap(tmp_path):
+    setup = ex.Setup(out=tmp_path, budget="converged", seeds=[0])
+    spec = setup.main_spec("planrec")
+    args = train.parse_args(setup.train_argv(spec, 0))
+    assert (args.epochs, args.patience) == (100, 3)
+    assert ex.budget_of(spec, vars(args)) == "converged"
+    assert ex.budget_of(spec, vars(train.parse_args(["--data", "ml-1m"]))) == "full"

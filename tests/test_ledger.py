@@ -175,6 +175,17 @@ def test_the_code_fingerprint_changes_with_the_code_not_with_its_comments(tmp_pa
                                                                                    "planrec.py"]
 
 
+def test_files_that_left_the_fingerprint_are_not_compared():
+    now = ledger.code_fingerprint()
+    assert not any(f.startswith("datasets/") for f in now["files"])      # the data fingerprint pins what they compute
+    older = {"hash": "from-before", "files": {**now["files"], "datasets/ml1m.py": "x", "datasets/synthetic.py": "y"}}
+    assert ledger.code_differences(older, now) == [] and ledger.same_code(older, now)
+    changed = {"hash": "other", "files": {**older["files"], "planrec.py": "z"}}
+    assert ledger.code_differences(changed, now) == ["planrec.py"] and not ledger.same_code(changed, now)
+    gone = {"hash": "other", "files": {f: h for f, h in now["files"].items() if f != "train.py"}}
+    assert ledger.code_differences(gone, now) == ["train.py"]
+
+
 def test_lookup_tells_current_stale_and_missing(tmp_path):
     folder, args = make_run_folder(tmp_path / "run", n_users=50)
     directory, code = tmp_path / "ledger", ledger.code_fingerprint()
