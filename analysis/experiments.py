@@ -1528,7 +1528,8 @@ def write_report(setup, command):
               "random sign vectors, seeded; p = (1 + exceedances) / (1 + permutations).\n")
     if claims:
         counts = {v: sum(c["verdict"] == v for c in claims) for v in dict.fromkeys(c["verdict"] for c in claims)}
-        header += (f"\n## The paper's claims, all tables\n\n{len(claims)} comparisons the paper's tables make, "
+        header += (f"\n## The paper's claims, all tables\n\n{len(claims)} comparison{'s' * (len(claims) > 1)} the "
+                   "paper's tables make, "
                    + ", ".join(f"{n} {v}" for v, n in counts.items())
                    + f" (holds: our difference of NDCG@10 has the paper's sign at p < {CLAIM_ALPHA}, paired sign-flip "
                    "test over users; within noise: p >= that; one test per claim, uncorrected).\n\n"
