@@ -175,6 +175,21 @@ def test_the_code_fingerprint_changes_with_the_code_not_with_its_comments(tmp_pa
                                                                                    "planrec.py"]
 
 
+def test_the_data_fingerprint_covers_a_worlds_ground_truth(tmp_path):
+    """--tie-private trains on ground-truth attributes that the prepared log does not hold, and
+    datasets/*.py is not in the code fingerprint: the data fingerprint must see them change."""
+    from datasets import synthetic
+    synthetic.make_synthetic(tmp_path / "w", n_users=30, n_items=200, mean_len=12, seed=0)
+    data = datalib.load_dataset("synthetic", tmp_path / "w")
+    before = ledger.data_fingerprint(data)
+    path = tmp_path / "w" / "ground_truth.npz"
+    with np.load(path) as f:
+        truth = {k: f[k] for k in f.files}
+    truth["user_power"] = truth["user_power"][::-1].copy()
+    np.savez(path, **truth)
+    assert ledger.data_fingerprint(data)["sha256"] != before["sha256"]
+
+
 def test_files_that_left_the_fingerprint_are_not_compared():
     now = ledger.code_fingerprint()
     assert not any(f.startswith("datasets/") for f in now["files"])      # the data fingerprint pins what they compute
