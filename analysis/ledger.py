@@ -32,9 +32,11 @@ the file, so a run re-recorded with new code replaces its stale record (git keep
 
 Reuse. A record is reused where its identity matches and its code fingerprint equals the code's now.
 The fingerprint is a SHA-256 per file of MODEL_CODE, the files that determine a run's numbers
-(the model, the protocol and metrics, the training loop and evaluation, the kernels, the attribute
-targets and the exported statistics; not the dataset preparation, whose output the identity's data
-fingerprint pins), each parsed and unparsed without
+(the model, the protocol and metrics, the training loop and evaluation, the attribute targets and
+the exported statistics; not the dataset preparation, whose output the identity's data fingerprint
+pins, and not kernels/, whose functions compute planrec.py's to float rounding, as the tests prove,
+so that a faster kernel changes a run's floats as another machine does, not its math, and which
+kernel ran is already no part of the identity), each parsed and unparsed without
 docstrings, so comments, docstrings and formatting do not count and any change to the code does.
 The commit is stored but not compared: a record from another commit is reused when those files
 compute the same, and one from the same commit with uncommitted model changes is not. A record
@@ -72,7 +74,10 @@ ROOT = Path(__file__).resolve().parents[1]
 LEDGER = ROOT / "ledger"
 # Not datasets/*.py: what a preparation script computes is the data, and the data's own fingerprint
 # is part of a run's identity, so a change to one dataset's script touches only that dataset's runs.
-MODEL_CODE = ("planrec.py", "data.py", "train.py", "kernels/*.py", "analysis/attributes.py", "analysis/diagnostics.py")
+# Not kernels/*.py: each kernel computes a function of planrec.py to float rounding (tests/test_kernels.py,
+# tests/test_factor_mlps.py prove it), like the same code on another machine; --kernel is no part of
+# a run's identity either. Records made while kernels/ was in the fingerprint are compared on these files.
+MODEL_CODE = ("planrec.py", "data.py", "train.py", "analysis/attributes.py", "analysis/diagnostics.py")
 # train.py arguments that say where a run writes or how it is computed, not what it computes.
 NOT_IDENTITY = ("out", "data_dir", "threads", "device", "kernel", "resume", "eval_only", "checkpoint", "export")
 

@@ -26,9 +26,22 @@ def test_parts_cover_the_step(capsys):
             "MLP_mask, Eq. (11)", "MLP_R*, Eq. (15)"} <= set(forward_parts)
     # the timed parts are disjoint pieces of the forward (hooks are not nested), so they cannot exceed it
     assert sum(forward_parts.values()) <= rows[("step", "forward + loss")] * 1.05 + 0.5
-    assert any(section == "backward" and "_ParentMaskedLinearBackward" in name for section, name in rows)
+    assert any(section == "backward" and "_FactorMLPsBackward" in name for section, name in rows)
 
 
 def test_parts_refuses_compare():
     with pytest.raises(SystemExit):
         bench_train.main(["--parts", "--compare", "HEAD"])
+
+
+def test_probe_schedule_prints_each_epoch_and_the_test(tmp_path, capsys):
+    from benchmarks import probe_schedule
+    from datasets import synthetic
+    from test_train import TINY
+    synthetic.make_synthetic(tmp_path / "world", n_users=40, n_items=400, mean_len=12, seed=0)
+    probe_schedule.main(["halving", "0.02", "2", "--data", "synthetic", "--data-dir", str(tmp_path / "world"), *TINY])
+    lines = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert [re.match(r"halving lr 0.02 epoch (\d): valid NDCG@10 0\.\d{4} \(\d+ s\)$", l).group(1) for l in lines[:2]] == ["1", "2"]
+    assert re.match(r"halving lr 0.02: test NDCG@10 0\.\d{4} \(\d+ s\)$", lines[2])
+    assert probe_schedule.SCHEDULES["halving"](0.02, 30, 60, 10) == pytest.approx(0.02 / 8)
+    assert probe_schedule.SCHEDULES["cosine"](0.01, 60, 60, 10) == pytest.approx(0.0, abs=1e-12)
