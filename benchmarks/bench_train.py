@@ -1,7 +1,7 @@
 """Time one training step (forward + backward + optimizer step) of the eager model, per structure.
 
     python -m benchmarks.bench_train                       # this checkout: none, shared, personalized
-    python -m benchmarks.bench_train --compare 6b35fe2     # and that commit's planrec.py, side by side
+    python -m benchmarks.bench_train --compare 6b35fe2     # and that commit's planrec.py and g kernel, side by side
     python -m benchmarks.bench_train --parts               # where one step's time goes, part by part
 
 The batch is what `train.py --data ml-1m` feeds the model: 4,096 scored pairs = 2,048 training
@@ -36,22 +36,34 @@ from kernels.factor_mlps import factor_mlps
 HERE = Path(__file__).resolve().parents[1]   # the repository root
 
 
-def load_planrec(commit=None):
-    """This checkout's planrec module, or the planrec.py of a git commit (imported under its own name)."""
-    if commit is None:
-        path = HERE / "planrec.py"
-    else:
-        try:
-            blob = subprocess.run(["git", "-C", str(HERE), "archive", commit, "planrec.py"],
-                                  check=True, capture_output=True).stdout
-        except subprocess.CalledProcessError as err:
-            sys.exit(f"error: cannot read planrec.py at commit {commit!r}: {err.stderr.decode().strip()}")
-        folder = Path(tempfile.mkdtemp(prefix=f"bench_train_{commit}_"))
-        tarfile.open(fileobj=io.BytesIO(blob)).extractall(folder, filter="data")
-        path = folder / "planrec.py"
-    spec = importlib.util.spec_from_file_location(f"planrec_{commit or 'here'}", path)
+def import_file(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def load_planrec(commit=None):
+    """This checkout's planrec module, or the planrec.py of a git commit (imported under its own
+    name), with the CPU-tuned g that goes with it as `module.tuned_g`: this checkout's, or the
+    commit's kernels/factor_mlps.py (None where the commit has none)."""
+    if commit is None:
+        module = import_file("planrec_here", HERE / "planrec.py")
+        module.tuned_g = factor_mlps
+        return module
+    folder = Path(tempfile.mkdtemp(prefix=f"bench_train_{commit}_"))
+    for name in ("planrec.py", "kernels/factor_mlps.py"):
+        try:
+            blob = subprocess.run(["git", "-C", str(HERE), "archive", commit, name],
+                                  check=True, capture_output=True).stdout
+        except subprocess.CalledProcessError as err:
+            if name == "planrec.py":
+                sys.exit(f"error: cannot read planrec.py at commit {commit!r}: {err.stderr.decode().strip()}")
+            continue
+        tarfile.open(fileobj=io.BytesIO(blob)).extractall(folder, filter="data")
+    module = import_file(f"planrec_{commit}", folder / "planrec.py")
+    kernel = folder / "kernels" / "factor_mlps.py"
+    module.tuned_g = import_file(f"factor_mlps_{commit}", kernel).factor_mlps if kernel.is_file() else None
     return module
 
 
@@ -119,9 +131,10 @@ def describe(batch):
 def build(module, structure, overrides):
     fields = module.Config.__dataclass_fields__
     kw = {k: v for k, v in dict(structure=structure, **overrides).items() if k in fields}
-    # this checkout's model with the CPU-tuned g of kernels/ (train.py's default on CPU); an older
+    # each model with its own commit's CPU-tuned g of kernels/ (train.py's default on CPU); an older
     # commit's planrec.py knows no factor_mlps_fn and carries its own g
-    fast = {"factor_mlps_fn": factor_mlps} if "factor_mlps_fn" in inspect.signature(module.PlanRec).parameters else {}
+    takes_g = "factor_mlps_fn" in inspect.signature(module.PlanRec).parameters
+    fast = {"factor_mlps_fn": module.tuned_g} if takes_g and module.tuned_g is not None else {}
     torch.manual_seed(0)
     model = module.PlanRec(module.Config(**kw), **fast)
     return model, torch.optim.Adam(model.parameters(), lr=0.01)
@@ -194,7 +207,8 @@ def time_parts(model, optimizer, batch, steps, top=12):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--compare", default=None, metavar="COMMIT", help="also time this commit's planrec.py")
+    p.add_argument("--compare", default=None, metavar="COMMIT",
+                   help="also time this commit's planrec.py with its kernels/factor_mlps.py")
     p.add_argument("--structures", nargs="+", default=["none", "shared", "personalized"],
                    choices=["none", "shared", "personalized"])
     p.add_argument("--steps", type=int, default=7, help="timed steps per implementation and structure")

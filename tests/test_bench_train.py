@@ -45,3 +45,11 @@ def test_probe_schedule_prints_each_epoch_and_the_test(tmp_path, capsys):
     assert re.match(r"halving lr 0.02: test NDCG@10 0\.\d{4} \(\d+ s\)$", lines[2])
     assert probe_schedule.SCHEDULES["halving"](0.02, 30, 60, 10) == pytest.approx(0.02 / 8)
     assert probe_schedule.SCHEDULES["cosine"](0.01, 60, 60, 10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_compare_times_a_commits_planrec_with_its_own_g_kernel(capsys):
+    old = bench_train.load_planrec("HEAD")
+    assert old.tuned_g is not None and old.tuned_g.__module__ == "factor_mlps_HEAD"
+    assert bench_train.load_planrec().tuned_g is bench_train.factor_mlps
+    bench_train.main(["--compare", "HEAD", "--rows", "4", "--steps", "1", "--warmup", "0", "--structures", "personalized"])
+    assert re.search(r"^\s*personalized \|\s+\d+ ms \|\s+\d+ ms \| \d+\.\d\dx$", capsys.readouterr().out, re.M)
