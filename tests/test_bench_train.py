@@ -26,7 +26,7 @@ def test_parts_cover_the_step(capsys):
             "MLP_mask, Eq. (11)", "MLP_R*, Eq. (15)"} <= set(forward_parts)
     # the timed parts are disjoint pieces of the forward (hooks are not nested), so they cannot exceed it
     assert sum(forward_parts.values()) <= rows[("step", "forward + loss")] * 1.05 + 0.5
-    assert any(section == "backward" and "_FactorMLPsBackward" in name for section, name in rows)
+    assert any(section == "backward" and "_ParentMaskedLinearBackward" in name for section, name in rows)
 
 
 def test_parts_refuses_compare():
