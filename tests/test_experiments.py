@@ -506,8 +506,12 @@ def test_reuse_run_uses_other_folders_and_checks_the_model(everything, worlds, t
     argv = experiment_argv(worlds, out, "figure3") + ["--reuse-run", f"synthetic-planrec={pattern}"]
     ex.main(argv)
     assert not (out / "runs").exists() and read(out, "figure3")["per_seed"]
-    assert read(out, "figure3") | {"command": 0, "wall_s_build": 0, "records": 0, "ledger": 0} == read(
-        everything, "figure3") | {"command": 0, "wall_s_build": 0, "records": 0, "ledger": 0}
+    # the same numbers and verdicts; a reused folder's budget reads "own flags" (and its claims say so)
+    provenance = {"command": 0, "wall_s_build": 0, "records": 0, "ledger": 0}
+    reused, original = read(out, "figure3") | provenance, read(everything, "figure3") | provenance
+    assert [c.pop("budget") for c in reused["claims"][:2]] == ["own flags"] * 2
+    assert [c.pop("budget") for c in original["claims"][:2]] == ["quick"] * 2
+    assert reused == original
     assert {r.meta["provenance"] for r in map(ledger.read_record, (out / "ledger").glob("*.npz"))} == {"folder"}
     wrong = str(everything / "runs" / "synthetic-vae-seed{seed}")
     with pytest.raises(SystemExit, match="another configuration"):
@@ -637,3 +641,30 @@ def test_paper_settings_experiment_tests_each_step_against_the_paper_settings_an
     # the runs of each step were trained with the paper's flags minus its own group
     records = {r["key"]: r for r in result["records"].values()}
     assert set(records) == {f"synthetic-{k}" for k in ex.MAIN_CONFIGS if k.startswith("paper-settings")} | {"synthetic-planrec"}
+
+
+def test_figure3_judges_the_papers_three_claims(everything):
+    figure3 = read(everything, "figure3")
+    claims = figure3["claims"]
+    assert [c["claim"].split(":")[0] for c in claims] == ["users of consistent interests get lower uncertainty",
+                                                         "active users get lower uncertainty",
+                                                         "high-activeness users (> 0.6) have more consistent interests (Welch t > 0)"]
+    # the correlation claims are judged on the runs (smoke test here), the t-test on the data alone
+    assert [c["verdict"] for c in claims[:2]] == ["not judged (smoke test)"] * 2
+    test = figure3["activeness_test"]
+    assert claims[2]["verdict"] == ex.claim_verdict(1.0, test["t"], test["p"], smoke=False)
+    assert claims[2]["p"] == test["p"]
+    report = (everything / "REPORT.md").read_text()
+    assert "| figure3 | active users get lower uncertainty: Pearson r of activeness" in report
+
+
+def test_claim_verdict_of_a_correlation_claim():
+    """A positive-correlation claim: holds for r > 0 at p < 0.05, does not hold for r < 0 at p < 0.05."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=500)
+    r, p = ex.correlation(x, x + rng.normal(size=500))
+    assert r > 0 and p < 1e-6 and ex.claim_verdict(1.0, r, p, smoke=False) == "holds"
+    r, p = ex.correlation(x, -x + rng.normal(size=500))
+    assert ex.claim_verdict(1.0, r, p, smoke=False) == "does not hold"
+    r, p = ex.correlation(x, rng.normal(size=500))
+    assert p > 0.05 and ex.claim_verdict(1.0, r, p, smoke=False) == "within noise"
