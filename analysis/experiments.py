@@ -27,6 +27,7 @@ Everything the paper leaves open is marked "our choice" here and in the report.
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -228,6 +229,7 @@ class Setup:
     edge_scale: float = 1.0
     edge_strengths: tuple = (0.5, 2.0)
     sr_rows: tuple = ()
+    sr_extra: tuple = ()       # train.py flags appended to every row's own (tuning: --epochs 6, --set ...)
     command: str = ""
 
     def main_spec(self, suffix):
@@ -1343,6 +1345,14 @@ def sr_run_numbers(record, folder, world_dir, truth):
     return out
 
 
+def sr_extra_tag(setup):
+    """'' for the rows as defined; '-x' and a hash of --sr-flags otherwise, so that a tuning run has
+    its own folder and record key."""
+    if not setup.sr_extra:
+        return ""
+    return "-x" + hashlib.sha256(" ".join(setup.sr_extra).encode()).hexdigest()[:6]
+
+
 def structure_recovery_drawn(setup, runs):
     """Train (or read from the ledger) every row of SR_DRAWN on its seeds' worlds and score them."""
     code = ledger.code_fingerprint()
@@ -1352,10 +1362,12 @@ def structure_recovery_drawn(setup, runs):
     rows, missing, ceiling = [], [], {}
     for key in rows_wanted:
         kind, flags, what, ours = SR_DRAWN[key]
+        flags = tuple(flags) + setup.sr_extra
         per_seed, records = [], []
         for seed, world_seed in zip(setup.seeds, world_seeds):
             world = sr_world(setup, kind, world_seed)
-            spec = RunSpec(f"{key}-w{world_seed}", "interactions", str(world), flags, "synthetic", what, export=True)
+            spec = RunSpec(f"{key}{sr_extra_tag(setup)}-w{world_seed}", "interactions", str(world), flags, "synthetic",
+                           what, export=True)
             record, why = ensure_record(setup, spec, seed, code, setup.command)
             if why:
                 missing.append(why)
@@ -1709,6 +1721,9 @@ def parse_args(argv=None):
                     help="the 10 edges' strengths, spread evenly over [LOW, HIGH] in a random order")
     sr.add_argument("--sr-rows", nargs="+", default=None, metavar="ROW",
                     help=f"the rows to run (default all): {', '.join(SR_DRAWN)}")
+    sr.add_argument("--sr-flags", default="", metavar="FLAGS",
+                    help="train.py flags appended to every row's own, which they override (e.g. '--epochs 6 --set "
+                         "w_attribute=3'); for tuning on the tuning worlds: each row's flags are in its JSON")
     args = p.parse_args(argv)
     if args.list:
         return args
@@ -1801,7 +1816,7 @@ def main(argv=None):
                   train_args=args.train_args, reuse=args.reuse, permutations=args.permutations,
                   world_seed=args.world_seed, world_users=args.world_users, world_items=args.world_items,
                   edge_scale=args.edge_scale, edge_strengths=tuple(args.edge_strengths),
-                  sr_rows=tuple(args.sr_rows or ()))
+                  sr_rows=tuple(args.sr_rows or ()), sr_extra=tuple(shlex.split(args.sr_flags)))
     experiments = [BY_NAME[n] for n in args.experiments]
     specs = specs_for(setup, experiments)
     if args.runs:        # just these configurations, in the order given, and no report

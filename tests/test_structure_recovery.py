@@ -299,3 +299,23 @@ def test_bad_world_flags_say_what_is_wrong(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         ex.parse_args(["structure-recovery", "--out", "x", *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_sr_flags_are_appended_to_every_rows_flags_and_override_them(tmp_path):
+    """--sr-flags (tuning): train.py flags after each row's own, so that they win, in the row's JSON
+    and in the run's record; a run with other extra flags is another run (its own record)."""
+    import json
+    from analysis import ledger
+    argv = ["structure-recovery", "--budget", "full", "--seeds", "0", "--world-seed", "0", "--world-users", "60",
+            "--world-items", "150", "--sr-rows", "sr-tied", "--sr-flags", "--epochs 1 --set w_attribute=3",
+            "--out", str(tmp_path / "out"), "--ledger", str(tmp_path / "ledger"),
+            "--synthetic-dir", str(tmp_path / "worlds"), "--train-args", "--threads 1 --max-steps 2"]
+    ex.main(argv)
+    [row] = json.loads((tmp_path / "out" / "structure-recovery.json").read_text())["rows"]
+    assert row["flags"] == [*ex.SR_DRAWN["sr-tied"][1], "--epochs", "1", "--set", "w_attribute=3"]
+    [record] = [ledger.read_record(p) for p in (tmp_path / "ledger").glob("sr-tied-x*-w0-*.npz")]
+    assert record.meta["metrics"]["config"]["w_attribute"] == 3.0
+    assert record.meta["metrics"]["args"]["epochs"] == 1 and len(record.meta["metrics"]["epochs"]) == 1
+    ex.main(argv[:argv.index("--sr-flags")] + argv[argv.index("--sr-flags") + 2:])   # the row as defined
+    assert len(list((tmp_path / "ledger").glob("sr-tied-w0-*.npz"))) == 1          # its own key and folder
+    assert (tmp_path / "out" / "runs" / "sr-tied-w0-seed0").is_dir() and record.meta["key"].startswith("sr-tied-x")
