@@ -313,7 +313,7 @@ def run_identity(setup, spec, seed, stored_args=None, stored_config=None):
 
 def same_model(ident, wanted):
     """Does a record count for a --reuse-run key: same Config, data and TRAINING_KEYS, any budget."""
-    return (ident["config"] == wanted["config"] and ident["data"] == wanted["data"]
+    return (ledger.fill_config(ident["config"]) == wanted["config"] and ident["data"] == wanted["data"]
             and all(ident["args"].get(k) == wanted["args"].get(k) for k in TRAINING_KEYS))
 
 
@@ -345,7 +345,8 @@ def run_state(setup, spec, seed, code):
         return "new", None, f"{folder} (its world {spec.data_dir} is not generated yet)"
     wanted = run_identity(setup, spec, seed)
     state, record = ledger.lookup(setup.ledger, spec.key, seed,
-                                  (lambda i: same_model(i, wanted)) if reused else (lambda i: i == wanted), code)
+                                  (lambda i: same_model(i, wanted)) if reused else (lambda i: ledger.same_identity(i, wanted)),
+                                  code)
     finished = (folder / "metrics.json").is_file()
     same_run = finished and record is not None and record.meta["metrics_sha256"] == ledger.file_sha(folder / "metrics.json")
     stale = f"STALE: {', '.join(ledger.code_differences(record.meta['code'], code))} differ" if state == "stale" else ""

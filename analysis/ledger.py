@@ -39,8 +39,14 @@ so that a faster kernel changes a run's floats as another machine does, not its 
 kernel ran is already no part of the identity), each parsed and unparsed without
 docstrings, so comments, docstrings and formatting do not count and any change to the code does.
 The commit is stored but not compared: a record from another commit is reused when those files
-compute the same, and one from the same commit with uncommitted model changes is not. A record
-whose code differs is stale: never reused, listed with the files that differ (`--plan`). The
+compute the same, and one from the same commit with uncommitted model changes is not. One more way
+to be current: where planrec.py alone differs, a record of a clean commit is reused when that
+commit's planrec.py and today's compute the same for the record's Config, on this machine
+(`computes_the_same`: a float64 probe of initialization, a training step's loss terms and every
+gradient, and an evaluation pass), so that an option added to the model, off by default, leaves the
+records of every other configuration current; a Config field a record does not name counts at its
+default (`fill_config`). A record whose code differs otherwise is stale: never reused, listed with
+the files that differ (`--plan`). The
 machine (CPU, GPU, torch, threads) is stored, not compared: one configuration trained elsewhere
 counts, although its floats are not bit for bit those of this machine. A run folder finished
 before this invocation is recorded with today's fingerprint unless its metrics.json carries its
@@ -51,13 +57,17 @@ record says so ("code_assumed": true).
 """
 
 import ast
+import dataclasses
 import fnmatch
 import hashlib
+import importlib.util
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
@@ -66,6 +76,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
 
 import data as datalib
 
@@ -122,6 +133,144 @@ def same_code(stored, now):
     return stored.get("hash") == now["hash"] or not code_differences(stored, now)
 
 
+def fill_config(config, module=None):
+    """A stored Config dict with the fields it does not name (added to the model since) at today's
+    defaults; an option added later must default to what the code computed before, which
+    computes_the_same checks where it matters."""
+    module = module or _planrec_now()
+    defaults = {f.name: f.default for f in dataclasses.fields(module.Config)}
+    return {**plain(defaults), **config}
+
+
+def _planrec_now():
+    import planrec
+    return planrec
+
+
+@lru_cache(maxsize=None)
+def planrec_at(commit, root=ROOT):
+    """planrec.py of a git commit, imported under its own name; None where git cannot give it."""
+    try:
+        blob = subprocess.run(["git", "archive", commit, "planrec.py"], capture_output=True, check=True, cwd=root).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix=f"planrec_{commit[:10]}_"))
+    tarfile.open(fileobj=io.BytesIO(blob)).extractall(folder, filter="data")
+    spec = importlib.util.spec_from_file_location(f"planrec_{commit[:10]}", folder / "planrec.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _probe_batch(module, cfg):
+    """A fixed training batch (a sequence batch of data.train_sequences, or the rows of the
+    paper's encoder) and an evaluation batch, on a tiny log of 5 users whose lengths cross several
+    blocks of history_len, items and users drawn within cfg's sizes."""
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 3 * cfg.history_len + 7, cfg.history_len, 2 * cfg.history_len + 1, 12])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    user_of = np.repeat(np.arange(len(lengths)), lengths)
+    t = np.arange(offsets[-1]) - offsets[user_of]
+    train_pos = np.flatnonzero((t >= 1) & (t <= lengths[user_of] - 3))
+    users = rng.choice(cfg.n_users, len(lengths), replace=False)
+    log = datalib.RecData(
+        name="probe", n_users=len(lengths), n_items=cfg.n_items, item_seq=rng.integers(1, cfg.n_items + 1, offsets[-1]),
+        user_offsets=offsets, train_user=user_of[train_pos], train_pos=train_pos, valid_pos=offsets[1:] - 2,
+        test_pos=offsets[1:] - 1, valid_candidates=np.zeros((len(lengths), 1), dtype=np.int64),
+        test_candidates=np.zeros((len(lengths), 1), dtype=np.int64), item_train_count=np.zeros(cfg.n_items + 1, dtype=np.int64),
+        user_attrs={}, item_attrs={}, raw_user_ids=np.arange(len(lengths)), raw_item_ids=np.arange(cfg.n_items + 1),
+        history_len=cfg.history_len)
+    context = module.context_length(cfg)
+    rows = len(train_pos)
+    batch = next(log.train_epoch(rows, 1, rng) if cfg.encoder == "paper"
+                 else log.train_sequences(rows, 1, rng, context))
+    batch["user"] = users[batch["user"]]
+    history = log.history(np.arange(len(lengths)), log.test_pos, context)
+    evaluation = {"user": users, "history": history, "items": rng.integers(1, cfg.n_items + 1, (len(lengths), 101))}
+    return batch, evaluation
+
+
+def _probe_attribute_targets(module, cfg, user, items):
+    """Random targets of each tied attribute (seeded), shaped as AttributePredictors.loss takes them."""
+    g = torch.Generator().manual_seed(1)
+    targets = {}
+    for side, name, kind, size in map(module.parse_attribute, cfg.tied_attributes):
+        shape = tuple(user.shape) if side == "user" else tuple(items.shape)
+        if kind == "class":
+            targets[f"{side}.{name}"] = torch.randint(0, size, shape, generator=g)
+        elif kind == "multilabel":
+            targets[f"{side}.{name}"] = (torch.rand(*shape, size, generator=g) < 0.3).double()
+        else:
+            targets[f"{side}.{name}"] = torch.randn(shape, generator=g, dtype=torch.float64)
+    return targets
+
+
+def probe(module, config):
+    """SHA-256 of what module's PlanRec computes for config in float64: its initialization (seeded),
+    a training step's loss terms and the gradient of every parameter (seeded noise), and an
+    evaluation pass (y and the uncertainty, with seeded masks), each rounded to float32. None where
+    the module cannot build or run the model (another API). One thread: it is quick (0.2 s at
+    ML-1M's sizes) and never competes with a training run for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = module.Config(**config)
+        torch.manual_seed(0)
+        model = module.PlanRec(cfg).double()
+        batch, evaluation = _probe_batch(module, cfg)
+        inputs = {k: torch.as_tensor(batch[k]) for k in ("user", "history", "items", "seq", "end", "segment") if k in batch}
+        labels = torch.zeros(inputs["items"].shape, dtype=torch.float64)
+        labels[:, 0] = 1.0
+        extra = {"attribute_targets": _probe_attribute_targets(module, cfg, inputs["user"], inputs["items"])} \
+            if cfg.tied_attributes else {}
+        model.train()
+        torch.manual_seed(1)
+        loss, terms = model.loss(model(**inputs), labels, **extra)
+        named = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+        grads = torch.autograd.grad(loss, [q for _, q in named], allow_unused=True)
+        model.eval()
+        torch.manual_seed(2)
+        with torch.no_grad():
+            out = model(**{k: torch.as_tensor(v) for k, v in evaluation.items()})
+    except Exception:       # noqa: BLE001 - another API or a failure: not provably the same
+        return None
+    finally:
+        torch.set_num_threads(threads)
+    digest = hashlib.sha256()
+    values = [("term." + k, v.detach()) for k, v in sorted(terms.items())]
+    values += [("init." + n, q.detach()) for n, q in named] + [("grad." + n, g) for (n, _), g in zip(named, grads)]
+    values += [("eval." + k, out[k]) for k in ("y", "uncertainty") if k in out]
+    for name, value in values:
+        digest.update(name.encode())
+        if value is not None:
+            digest.update(np.ascontiguousarray(value.double().numpy().astype(np.float32)).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@lru_cache(maxsize=None)
+def _probe_cached(commit, config_json):
+    module = _planrec_now() if commit is None else planrec_at(commit)
+    return None if module is None else probe(module, json.loads(config_json))
+
+
+def computes_the_same(meta, now):
+    """Is a record whose code differs from today's current all the same: planrec.py alone differs,
+    the record's commit is clean (its planrec.py is that commit's) and, on this machine, that
+    planrec.py and today's compute the same for the record's Config (probe; today's with the fields
+    the record does not name at their defaults)."""
+    commit = meta.get("commit") or {}
+    if code_differences(meta["code"], now) != ["planrec.py"] or not commit.get("head") or commit.get("model_code_dirty"):
+        return False
+    config = meta["identity"]["config"]
+    old = _probe_cached(commit["head"], json.dumps(config, sort_keys=True))
+    return old is not None and old == _probe_cached(None, json.dumps(fill_config(config), sort_keys=True))
+
+
+def current(meta, now):
+    """Does a record count for today's code (same_code, or computes_the_same)?"""
+    return same_code(meta["code"], now) or computes_the_same(meta, now)
+
+
 def data_fingerprint(data):
     """Sizes and a SHA-256 of what a run reads from its dataset (data.RecData)."""
     digest = hashlib.sha256()
@@ -152,6 +301,11 @@ def identity(args, config, data, budget):
     fingerprint and the experiments budget it was trained under."""
     args = {k: v for k, v in plain(dict(args)).items() if k not in NOT_IDENTITY}
     return {"args": args, "config": plain(config), "data": plain(data), "budget": budget}
+
+
+def same_identity(stored, wanted):
+    """Is a stored identity the wanted one, the Config fields it does not name at today's defaults?"""
+    return {**stored, "config": fill_config(stored["config"])} == wanted
 
 
 def identity_hash(ident):
@@ -293,7 +447,7 @@ def lookup(directory, key, seed, matches, code):
     found = sorted((r for r in found if r.meta["key"] == key and r.meta["seed"] == seed and matches(r.meta["identity"])),
                    key=lambda r: r.meta["recorded_at"], reverse=True)
     for state in ("current", "stale"):
-        chosen = [r for r in found if same_code(r.meta["code"], code) == (state == "current")]
+        chosen = [r for r in found if current(r.meta, code) == (state == "current")]
         if chosen:
             return state, read_record(chosen[0].path)
     return "missing", None
@@ -350,11 +504,12 @@ def main(argv=None):
     print(f"{len(paths)} records in {directory}; model code {code['hash']}")
     for path in paths:
         meta = read_record(path, arrays=False).meta
-        stale = code_differences(meta["code"], code)
+        stale = [] if current(meta, code) else code_differences(meta["code"], code)
+        same = " (planrec.py differs, computes the same)" if not stale and not same_code(meta["code"], code) else ""
         test = meta["metrics"]["test"]
         print(f"{path.name:50s} {meta['budget']:6s} N@10 {test['ndcg@10']:.4f}  {meta['wall_s'] or 0:6.0f} s  "
               f"{(meta['commit'] or {}).get('head', 'unknown')[:10]:10s} {path.stat().st_size / 1024:5.0f} KB  "
-              + (f"STALE ({', '.join(stale)} differ)" if stale else "current"))
+              + (f"STALE ({', '.join(stale)} differ)" if stale else "current" + same))
     return paths
 
 

@@ -469,7 +469,9 @@ def test_a_record_of_other_model_code_is_not_reused(everything, worlds, tmp_path
     planrec_py.write_text(planrec_py.read_text() + "\nEDGE_THRESHOLD = 0.5\n")
     other = ledger.code_fingerprint(changed)
     assert ledger.code_differences(other, ledger.code_fingerprint()) == ["planrec.py"]
-    ledger.write_record(path, {**record.meta, "code": other}, record.arrays)       # as if trained at that commit
+    # as if trained by that code, uncommitted (computes_the_same cannot rebuild it: only the source counts)
+    dirty = {**(record.meta["commit"] or {"head": "0" * 40}), "model_code_dirty": True}
+    ledger.write_record(path, {**record.meta, "code": other, "commit": dirty}, record.arrays)
 
     states = {state: where for where, state, *_ in ex.main(experiment_argv(worlds, everything, "table2", "--plan"))}
     assert set(states) == {"ledger", "stale"} and "STALE: planrec.py differ" in states["stale"]
@@ -668,3 +670,26 @@ def test_claim_verdict_of_a_correlation_claim():
     assert ex.claim_verdict(1.0, r, p, smoke=False) == "does not hold"
     r, p = ex.correlation(x, rng.normal(size=500))
     assert p > 0.05 and ex.claim_verdict(1.0, r, p, smoke=False) == "within noise"
+
+
+def test_a_record_of_a_commit_whose_planrec_computes_the_same_is_reused(everything, worlds, tmp_path, monkeypatch,
+                                                                         capsys):
+    """planrec.py differs in its source (here: a constant no run reads), the record's commit is clean
+    and its planrec.py computes what today's does for the record's Config: current, not retrained."""
+    ledger_copy = tmp_path / "ledger"
+    shutil.copytree(everything / "ledger", ledger_copy)
+    [path] = ledger_copy.glob("synthetic-vae-seed0-*.npz")
+    record = ledger.read_record(path)
+    changed = copy_model_code(tmp_path / "other-commit")
+    planrec_py = changed / "planrec.py"
+    planrec_py.write_text(planrec_py.read_text() + "\nEDGE_THRESHOLD = 0.5\n")
+    clean = {"head": ledger.git_commit()["head"], "model_code_dirty": False}     # HEAD computes today's numbers
+    ledger.write_record(path, {**record.meta, "code": ledger.code_fingerprint(changed), "commit": clean}, record.arrays)
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"a current record was trained: {argv}"))
+    states = {state for _, state, *_ in ex.main(experiment_argv(worlds, tmp_path / "out", "table2", "--plan",
+                                                                ledger=ledger_copy))}
+    assert states == {"ledger"}
+    capsys.readouterr()
+    ledger.main([str(ledger_copy)])
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(path.name))
+    assert line.endswith("current (planrec.py differs, computes the same)")

@@ -2,6 +2,7 @@
 analyses read, the size of a record of ML-1M's size, atomic writes under a crash, the code
 fingerprint that decides reuse, and the lookup of current, stale and missing records."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -245,3 +246,76 @@ def test_rank_scores_have_the_per_user_metrics_of_their_rank():
     np.testing.assert_allclose(metrics["ndcg@5"], [1, 1 / np.log2(3), 1 / np.log2(6), 0, 0, 0])
     np.testing.assert_allclose(metrics["auc"], 1 - rank / 100)
     np.testing.assert_array_equal(ledger.test_rank(ledger.rank_scores(rank, CANDIDATES)), rank)
+
+
+# ------------------------------------------------------------------------------------------------
+# planrec.py changed, the computation not: computes_the_same
+# ------------------------------------------------------------------------------------------------
+
+def head_commit():
+    head = ledger.git_commit()
+    assert head is not None, "these tests need the repository's git history"
+    return head["head"]
+
+
+def meta_with(config, planrec_hash="another planrec.py", commit=None, dirty=False, other=None):
+    """A record's meta whose code differs from today's in planrec.py (and `other` files)."""
+    now = ledger.code_fingerprint()
+    files = {**now["files"], "planrec.py": planrec_hash, **{f: "differs" for f in (other or [])}}
+    return {"code": {"hash": "old", "files": files}, "identity": {"config": config},
+            "commit": {"head": commit or head_commit(), "model_code_dirty": dirty}}
+
+
+def small_config(**kw):
+    return ledger.plain(planrec.Config(n_users=40, n_items=60, **kw).to_dict())
+
+
+def test_the_probe_is_repeatable_and_sees_every_setting():
+    for kw in ({}, {"structure": "none"}, {"encoder": "paper", "embed_dim": 8}, {"n_mask_samples": 1},
+               {"tied_attributes": ("user.age:class:3", "item.genres:multilabel:5", "item.year:regression:1")}):
+        config = small_config(**kw)
+        first = ledger.probe(planrec, config)
+        assert first is not None and first == ledger.probe(planrec, config), kw
+        # beta of Eq. (17) acts only where N_m > 1 samples have a variance
+        uses_beta = config["structure"] == "personalized" and config["n_mask_samples"] > 1
+        assert (ledger.probe(planrec, {**config, "beta": 0.003}) != first) == uses_beta
+        assert ledger.probe(planrec, {**config, "w_kl": 0.2}) != first
+
+
+def test_a_record_whose_planrec_computes_the_same_stays_current():
+    """A textual change to planrec.py (a new option, off by default) leaves a record current when
+    its commit's planrec.py computes what today's does for its Config; here the record's commit is
+    HEAD, whose planrec.py computes today's numbers, and its stored planrec.py hash another one."""
+    meta = meta_with(small_config())
+    now = ledger.code_fingerprint()
+    assert ledger.code_differences(meta["code"], now) == ["planrec.py"]
+    assert not ledger.same_code(meta["code"], now) and ledger.computes_the_same(meta, now) and ledger.current(meta, now)
+    # a field added since (the record does not name it) counts at its default
+    config = small_config()
+    del config["w_personal_rec"]
+    assert ledger.computes_the_same(meta_with(config), now)
+    assert ledger.same_identity({"args": {}, "config": config}, {"args": {}, "config": small_config()})
+    assert not ledger.same_identity({"args": {}, "config": config}, {"args": {}, "config": small_config(w_personal_rec=1.0)})
+
+
+def test_a_record_is_stale_when_planrec_computes_otherwise_or_other_files_differ(monkeypatch, tmp_path):
+    now = ledger.code_fingerprint()
+    assert not ledger.current(meta_with(small_config(), other=["train.py"]), now)        # the loop changed
+    assert not ledger.current(meta_with(small_config(), dirty=True), now)                # uncommitted model code
+    assert not ledger.current(meta_with(small_config(), commit="0" * 40), now)           # a commit git lacks
+    # the record's commit computed another balance (Eq. (17) with 2 beta): stale
+    source = (ledger.ROOT / "planrec.py").read_text()
+    assert "uncertainty = torch.sigmoid(variance / beta)" in source
+    changed = tmp_path / "planrec_changed.py"
+    changed.write_text(source.replace("uncertainty = torch.sigmoid(variance / beta)",
+                                      "uncertainty = torch.sigmoid(variance / (2 * beta))"))
+    spec = importlib.util.spec_from_file_location("planrec_changed", changed)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(ledger, "planrec_at", lambda commit, root=None: module)
+    ledger._probe_cached.cache_clear()
+    try:
+        assert not ledger.computes_the_same(meta_with(small_config(), commit="a" * 40), now)
+        assert ledger.computes_the_same(meta_with(small_config(structure="shared"), commit="b" * 40), now)   # no Eq. (17)
+    finally:
+        ledger._probe_cached.cache_clear()
