@@ -117,11 +117,23 @@ class Config:
     # branch reads z detached, so that the encoder cannot absorb what this term asks of the masks.
     # In the paper the masks learn only through Eq. (17), where Y*_mu has at most half the weight.
     w_personal_rec: float = 0.0
+    # mask_form (our option): how Eq. (12) samples the masks. "topk" (the paper): Gumbel top-K, exactly
+    # K_A dependencies and K_e factors kept per sample, their straight-through gradient that of one
+    # softmax over all entries (so each entry gets about 1/N^2 of it). "gates" (our choice): an
+    # independent keep/drop gate per entry, kept where logit + logistic noise > 0 (a Gumbel-sigmoid,
+    # straight-through with the gradient of sigmoid((logit + noise) / tau)); K_A and K_e do not
+    # apply, and w_keep (below) makes every dropped entry cost something, so that a user's mask
+    # drops a dependency only where that user's data pays for it.
+    mask_form: str = "topk"
+    # w_keep (our option, with mask_form="gates"): weight of the keep prior, the mean over users and
+    # entries of -log sigmoid(logit), i.e. a Bernoulli prior that favours keeping every entry.
+    w_keep: float = 0.0
 
     def __post_init__(self):
         for name, allowed in [("structure", ("none", "shared", "personalized")), ("predict_from", ("e_hat", "both")),
                               ("encoder", ("paper", "target_attention")), ("mask_input", ("id", "id+history")),
-                              ("factor_sources", ("joint", "sides")), ("head_form", ("joint", "additive"))]:
+                              ("factor_sources", ("joint", "sides")), ("head_form", ("joint", "additive")),
+                              ("mask_form", ("topk", "gates"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not 0 < self.n_user_factors < self.n_factors:
@@ -130,8 +142,8 @@ class Config:
             raise ValueError(f"k_A must be in 1..N(N-1)={self.n_factors * (self.n_factors - 1)}, got {self.k_A}")
         if not 1 <= self.k_e <= self.n_factors:
             raise ValueError(f"k_e must be in 1..N={self.n_factors}, got {self.k_e}")
-        if self.w_personal_rec < 0:
-            raise ValueError(f"w_personal_rec must be >= 0, got {self.w_personal_rec}")
+        if self.w_personal_rec < 0 or self.w_keep < 0:
+            raise ValueError(f"w_personal_rec and w_keep must be >= 0, got {self.w_personal_rec}, {self.w_keep}")
         if self.n_mask_samples < 1 or self.tau <= 0 or self.beta <= 0:
             raise ValueError(f"need n_mask_samples >= 1, tau > 0 and beta > 0; got {self.n_mask_samples}, {self.tau}, {self.beta}")
         if self.embed_dim % self.n_heads:
@@ -673,6 +685,39 @@ def sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau=1.0, uniform_A=Non
     return mask_A, mask_e
 
 
+def gumbel_gates(logits, tau=1.0, uniform=None):
+    """Our option (Config.mask_form = "gates"): an independent keep/drop gate per entry, the
+    straight-through Gumbel-sigmoid. Forward: 1 where logits + L > 0, L = log U - log(1 - U) logistic
+    noise, else 0 (so P(keep) = sigmoid(logits); a -inf logit is never kept). Backward: the gradient
+    of sigmoid((logits + L) / tau)."""
+    if uniform is None:
+        uniform = torch.rand_like(logits).clamp_(min=torch.finfo(logits.dtype).tiny, max=1 - torch.finfo(logits.dtype).eps)
+    perturbed = logits + torch.log(uniform) - torch.log1p(-uniform)
+    hard = (perturbed > 0).to(logits.dtype)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        return hard
+    soft = torch.sigmoid(perturbed / tau)
+    return hard + (soft - soft.detach())
+
+
+def sample_gates(logits_A, logits_e, n_samples, tau=1.0):
+    """Eq. (12) with gumbel_gates (our option) for both masks, n_samples times: mask_A [B, S, N, N]
+    (never on the diagonal), mask_e [B, S, N]."""
+    B, N = logits_e.shape
+    eye = torch.eye(N, dtype=torch.bool, device=logits_A.device)
+    mask_A = gumbel_gates(logits_A.masked_fill(eye, float("-inf"))[:, None].expand(B, n_samples, N, N), tau)
+    return mask_A, gumbel_gates(logits_e[:, None].expand(B, n_samples, N), tau)
+
+
+def masked_scm(z, A, mask_A, mask_e):
+    """Eq. (13) for every sample: e* [B, S, N, d] with (I - (mask_A * A)^T) e* = mask_e * z, for
+    z [B, N, d], A [N, N], mask_A [B, S, N, N], mask_e [B, S, N]. The masked graph need not be
+    acyclic while training, so this is a general solve, not a triangular one."""
+    N = z.shape[1]
+    system = torch.eye(N, dtype=z.dtype, device=z.device) - (mask_A * A).transpose(-1, -2)
+    return torch.linalg.solve_ex(system, mask_e[..., None] * z[:, None]).result   # no check that waits for a GPU
+
+
 def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
                      uniform_A=None, uniform_e=None):
     """Eq. (11)-(13): sample n_samples personalized masks and solve the masked SCM for each.
@@ -688,11 +733,7 @@ def personalized_scm(z, A, logits_A, logits_e, n_samples, k_A, k_e, tau=1.0,
     if not 1 <= k_e <= N:
         raise ValueError(f"k_e must be in 1..N={N}, got {k_e}")
     mask_A, mask_e = sample_masks(logits_A, logits_e, n_samples, k_A, k_e, tau, uniform_A, uniform_e)  # Eq. (12)
-    # Eq. (13): e* = (I - (M_A * A)^T)^-1 (M_e * z). The masked graph need not be acyclic while
-    # training, so this is a general solve, not a triangular one.
-    system = torch.eye(N, dtype=z.dtype, device=z.device) - (mask_A * A).transpose(-1, -2)
-    e_star = torch.linalg.solve_ex(system, mask_e[..., None] * z[:, None]).result   # no check that waits for a GPU
-    return e_star, mask_A, mask_e
+    return masked_scm(z, A, mask_A, mask_e), mask_A, mask_e                                          # Eq. (13)
 
 
 # Eq. (14), e-hat*_i = g((M^(A)_i * A_i) * (M^(e) * e*)), is g of Eq. (8) on masked coefficients:
@@ -955,8 +996,12 @@ class PlanRec(nn.Module):
         # become C*d right-hand-side columns of one solve per sample.
         z_columns = z.permute(0, 2, 1, 3).reshape(B, N, C * d)
         # Eq. (12)-(13): M^(A),k, M^(e),k ~ Gumbel top-K;  e*^k = (I - (M^(A),k * A)^T)^-1 (M^(e),k * z)
-        e_star, mask_A, mask_e = self.scm_fn(z_columns, A_fixed, logits_A, logits_e, cfg.n_mask_samples,
-                                             self.k_A, cfg.k_e, cfg.tau)
+        if cfg.mask_form == "gates":     # our option (Config.mask_form): independent gates, no kernel of its own
+            mask_A, mask_e = sample_gates(logits_A, logits_e, cfg.n_mask_samples, cfg.tau)
+            e_star = masked_scm(z_columns, A_fixed, mask_A, mask_e)
+        else:
+            e_star, mask_A, mask_e = self.scm_fn(z_columns, A_fixed, logits_A, logits_e, cfg.n_mask_samples,
+                                                 self.k_A, cfg.k_e, cfg.tau)
         e_star = e_star.unflatten(-1, (C, d)).transpose(2, 3)                            # [B, S, C, N, d]
         # Eq. (14): e-hat*_i = g((M^(A)_i * A_i) * (M^(e) * e*)). M^(e) scales parent j's whole
         # input, so it is folded into the coefficients: (M^(A) * A)[j, i] * M^(e)_j.
@@ -1012,6 +1057,12 @@ class PlanRec(nn.Module):
                 alpha = cfg.dag_alpha or None
                 terms["dag"] = dag_penalty(self.shared_A(), alpha)                         # Eq. (10)
                 total = total + cfg.w_dag * terms["dag"]
+        if cfg.structure == "personalized" and cfg.w_keep:
+            # our option (Config.w_keep): a keep prior on every allowed entry of both masks, -log sigmoid(logit)
+            allowed = self.support.bool()
+            drop_cost = torch.cat([F.softplus(-out["mask_logits_A"][:, allowed]), F.softplus(-out["mask_logits_e"])], 1)
+            terms["keep"] = drop_cost.mean()
+            total = total + cfg.w_keep * terms["keep"]
         if cfg.structure == "personalized" and cfg.w_personal_rec:
             # our option (Config.w_personal_rec): the masks' own objective, Y*_mu on the user's own labels
             y_personal = out["y_personal"].clamp(1e-7, 1 - 1e-7)

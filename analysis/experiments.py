@@ -1254,7 +1254,8 @@ SR_MODEL = ("--attribute-prior", "both", "--set", "n_factors=10", "--set", "n_us
 SR_I2U = ("--drop-dependencies", "i2u")
 SR_OPTION_FLAGS = {"sides": ("--set", "factor_sources=sides"), "additive": ("--set", "head_form=additive"),
                    "no-dep": ("--no-dependency-reg",), "personal": ("--set", "w_personal_rec=1.0"),
-                   "narrow": ("--set", "factor_dim=2"), "tied": ("--set", "w_attribute=1.0")}
+                   "narrow": ("--set", "factor_dim=2"), "tied": ("--set", "w_attribute=1.0"),
+                   "gates": ("--set", "mask_form=gates", "--set", "w_keep=0.1")}
 
 
 def sr_flags(*options, i2u=True):
@@ -1275,6 +1276,8 @@ SR_DRAWN = {
                 "ours: both, without Eq. (9), attribute losses weighted 1 (not 0.1)", True),
     "sr-personal": ("drawn", sr_flags("sides", "additive", "no-dep", "tied", "personal"),
                     "ours: sr-tied + the masks' own objective (w_personal_rec 1)", True),
+    "sr-gates": ("drawn", sr_flags("sides", "additive", "no-dep", "tied", "personal", "gates"),
+                 "ours: sr-personal with independent keep/drop gates and a keep prior (mask_form gates, w_keep 0.1)", True),
     "sr-no-i2u": ("drawn", sr_flags("sides", "additive", "no-dep", "tied", i2u=False),
                   "ours: sr-tied without the i2u prior (direction tested)", True),
     "sr-paper-floor": ("floor", sr_flags(), "paper's model, floor world (edge weights 0)", False),

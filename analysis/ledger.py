@@ -453,6 +453,17 @@ def lookup(directory, key, seed, matches, code):
     return "missing", None
 
 
+def gate_keep_probabilities(mask_logits_A):
+    """[U, N, N] float16: each dependency's keep probability under planrec.gumbel_gates (Config.mask_form
+    = "gates", our option), exactly sigmoid(logit), zero on the diagonal. export_structures draws
+    its keep_prob_A from Eq. (12)'s top-K for every model (analysis/diagnostics.py), which for a
+    gates model describes other masks than it samples: its record stores these instead."""
+    logits = np.asarray(mask_logits_A, dtype=np.float64)
+    keep = 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
+    keep[:, np.arange(keep.shape[1]), np.arange(keep.shape[1])] = 0.0
+    return keep.astype(np.float16)
+
+
 def record_run(directory, key, seed, ident, folder, structures, provenance, code, command, extra=None):
     """Record a finished run folder of train.py (metrics.json, test_scores.npz and, with
     structures, structures.npz) into directory. provenance: 'trained' (by this process), 'resumed'
@@ -479,6 +490,8 @@ def record_run(directory, key, seed, ident, folder, structures, provenance, code
             arrays["structure.factor_names"] = s["factor_names"]
             if "keep_prob_A" in s.files:
                 arrays["structure.keep_prob_A"] = s["keep_prob_A"].astype(np.float16)
+            if metrics["config"].get("mask_form") == "gates" and "mask_logits_A" in s.files:
+                arrays["structure.keep_prob_A"] = gate_keep_probabilities(s["mask_logits_A"])
     here = provenance != "folder"
     meta = {"format": FORMAT, "key": key, "seed": seed, "identity": ident, "budget": ident["budget"],
             "smoke_test": ident["budget"] == "quick",

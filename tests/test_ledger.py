@@ -319,3 +319,24 @@ def test_a_record_is_stale_when_planrec_computes_otherwise_or_other_files_differ
         assert ledger.computes_the_same(meta_with(small_config(structure="shared"), commit="b" * 40), now)   # no Eq. (17)
     finally:
         ledger._probe_cached.cache_clear()
+
+
+def test_a_gates_models_record_keeps_sigmoid_of_its_mask_logits(tmp_path):
+    """export_structures draws keep_prob_A from Eq. (12)'s top-K for every model; for a model of our
+    gates option (Config.mask_form) the record stores each entry's own keep probability instead."""
+    folder, args = make_run_folder(tmp_path / "run", n_users=50)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["config"]["mask_form"] = "gates"
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    keep = record(tmp_path / "ledger", folder, args).structure()["keep_prob_A"]
+    with np.load(folder / "structures.npz") as s:
+        logits, drawn = s["mask_logits_A"].astype(np.float64), s["keep_prob_A"]
+    expected = 1 / (1 + np.exp(-logits))
+    expected[:, np.arange(N), np.arange(N)] = 0
+    np.testing.assert_allclose(keep, expected, atol=1e-3)           # float16
+    assert not np.allclose(keep, drawn, atol=1e-3)
+    # a top-K model's record keeps the drawn probabilities
+    metrics["config"]["mask_form"] = "topk"
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    np.testing.assert_array_equal(record(tmp_path / "ledger2", folder, args).structure()["keep_prob_A"],
+                                  drawn.astype(np.float16).astype(np.float32))

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 import planrec
@@ -1290,3 +1291,58 @@ def test_a_shorter_history_changes_only_what_reads_past_it():
     torch.testing.assert_close(cut[same], full[same], rtol=1e-10, atol=1e-12)
     assert (cut[~same] - full[~same]).abs().amax((1, 2, 3)).min() > 0
 
+
+
+# ------------------------------------------------------------------------------------------------
+# Our option: independent keep/drop gates for the masks (Config.mask_form = "gates", w_keep)
+# ------------------------------------------------------------------------------------------------
+
+def test_gumbel_gates_keep_each_entry_with_probability_sigmoid_of_its_logit():
+    logits = torch.tensor([-2.0, -0.5, 0.0, 1.0, 3.0, float("-inf")], dtype=torch.float64)
+    draws = planrec.gumbel_gates(logits.expand(200_000, -1).clone())
+    assert set(draws.unique().tolist()) <= {0.0, 1.0} and draws[:, -1].sum() == 0     # -inf: never kept
+    # 200,000 draws: the share kept is sigmoid(logit) to within 5 standard errors
+    torch.testing.assert_close(draws[:, :-1].mean(0), torch.sigmoid(logits[:-1]), atol=5 * 0.5 / 200_000 ** 0.5, rtol=0)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_gumbel_gates_straight_through_gradient_is_the_sigmoids(tau):
+    logits = torch.randn(7, 5, generator=rng(0), dtype=torch.float64, requires_grad=True)
+    uniform = uniform_like((7, 5), seed=1)
+    mask = planrec.gumbel_gates(logits, tau, uniform)
+    perturbed = logits.detach() + torch.log(uniform) - torch.log1p(-uniform)
+    assert torch.equal(mask.detach(), (perturbed > 0).double())
+    upstream = torch.randn(7, 5, generator=rng(2), dtype=torch.float64)
+    (grad,) = torch.autograd.grad(mask, logits, upstream)
+    soft = torch.sigmoid(perturbed / tau)
+    torch.testing.assert_close(grad, upstream * soft * (1 - soft) / tau)        # each entry its own gradient
+
+
+def test_gates_model_trains_its_masks_with_a_keep_prior_and_no_top_k():
+    model = tiny_model(mask_form="gates", w_keep=0.5)
+    user, history, items, labels = tiny_batch()
+    out = model(user, history, items)
+    kept = out["mask_A"].detach().sum((-1, -2))
+    assert len(kept.unique()) > 1                 # no fixed K_A: samples keep different numbers of entries
+    assert (torch.diagonal(out["mask_A"], dim1=-2, dim2=-1) == 0).all()
+    loss, terms = model.loss(out, labels)
+    allowed = model.support.bool()
+    prior = torch.cat([F.softplus(-out["mask_logits_A"][:, allowed]), F.softplus(-out["mask_logits_e"])], 1).mean()
+    torch.testing.assert_close(terms["keep"], prior)
+    torch.testing.assert_close(terms["total"], sum(w * terms[k] for k, w in (
+        ("recommend", 1.0), ("reconstruct", 0.1), ("kl", 0.1), ("struct", 0.1), ("dag", 0.1), ("keep", 0.5))))
+    loss.backward()
+    assert model.mask_mlp[0].weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():
+        assert set(model(user, history, items)["mask_A"].unique().tolist()) <= {0.0, 1.0}
+
+
+def test_gates_are_off_by_default_and_topk_models_never_reach_them(monkeypatch):
+    assert planrec.Config().mask_form == "topk" and planrec.Config().w_keep == 0.0
+    monkeypatch.setattr(planrec, "sample_gates", lambda *a, **k: pytest.fail("gates sampled for a top-K model"))
+    model = tiny_model()
+    out = model(*tiny_batch()[:3])
+    assert "keep" not in model.loss(out, tiny_batch()[3])[1]
+    with pytest.raises(ValueError, match="mask_form"):
+        planrec.Config(mask_form="bernoulli")
