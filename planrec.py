@@ -144,6 +144,8 @@ class Config:
             raise ValueError(f"k_e must be in 1..N={self.n_factors}, got {self.k_e}")
         if self.w_personal_rec < 0 or self.w_keep < 0:
             raise ValueError(f"w_personal_rec and w_keep must be >= 0, got {self.w_personal_rec}, {self.w_keep}")
+        if self.w_keep and self.mask_form != "gates":
+            raise ValueError("w_keep is the keep prior of mask_form='gates'; set mask_form=gates or w_keep=0")
         if self.n_mask_samples < 1 or self.tau <= 0 or self.beta <= 0:
             raise ValueError(f"need n_mask_samples >= 1, tau > 0 and beta > 0; got {self.n_mask_samples}, {self.tau}, {self.beta}")
         if self.embed_dim % self.n_heads:

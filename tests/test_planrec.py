@@ -1346,3 +1346,5 @@ def test_gates_are_off_by_default_and_topk_models_never_reach_them(monkeypatch):
     assert "keep" not in model.loss(out, tiny_batch()[3])[1]
     with pytest.raises(ValueError, match="mask_form"):
         planrec.Config(mask_form="bernoulli")
+    with pytest.raises(ValueError, match="w_keep is the keep prior"):
+        planrec.Config(w_keep=0.1)

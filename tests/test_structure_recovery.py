@@ -307,14 +307,14 @@ def test_sr_flags_are_appended_to_every_rows_flags_and_override_them(tmp_path):
     import json
     from analysis import ledger
     argv = ["structure-recovery", "--budget", "full", "--seeds", "0", "--world-seed", "0", "--world-users", "60",
-            "--world-items", "150", "--sr-rows", "sr-tied", "--sr-flags", "--epochs 1 --set w_attribute=3",
+            "--world-items", "150", "--sr-rows", "sr-tied", "--sr-flags", "--epochs 1 --set w_attribute=5",
             "--out", str(tmp_path / "out"), "--ledger", str(tmp_path / "ledger"),
             "--synthetic-dir", str(tmp_path / "worlds"), "--train-args", "--threads 1 --max-steps 2"]
     ex.main(argv)
     [row] = json.loads((tmp_path / "out" / "structure-recovery.json").read_text())["rows"]
-    assert row["flags"] == [*ex.SR_DRAWN["sr-tied"][1], "--epochs", "1", "--set", "w_attribute=3"]
+    assert row["flags"] == [*ex.SR_DRAWN["sr-tied"][1], "--epochs", "1", "--set", "w_attribute=5"]
     [record] = [ledger.read_record(p) for p in (tmp_path / "ledger").glob("sr-tied-x*-w0-*.npz")]
-    assert record.meta["metrics"]["config"]["w_attribute"] == 3.0
+    assert record.meta["metrics"]["config"]["w_attribute"] == 5.0
     assert record.meta["metrics"]["args"]["epochs"] == 1 and len(record.meta["metrics"]["epochs"]) == 1
     ex.main(argv[:argv.index("--sr-flags")] + argv[argv.index("--sr-flags") + 2:])   # the row as defined
     assert len(list((tmp_path / "ledger").glob("sr-tied-w0-*.npz"))) == 1          # its own key and folder
