@@ -1315,30 +1315,47 @@ def sr_world(setup, kind, world_seed):
     return folder
 
 
-def sr_edge_scores(folder, data_dir):
-    """srlib.edge_scores of a run folder's best.pt, cached in edge_scores.npz beside it."""
+def sr_edge_scores(record, folder, data_dir):
+    """srlib.edge_scores of a run: from its ledger record, else from the run folder (edge_scores.npz
+    beside best.pt, or computed from best.pt), then stored in the record too, so that the report
+    is rebuilt from the ledger alone once the folder is gone."""
+    stored = {k.split(".", 1)[1]: v for k, v in record.arrays.items() if k.startswith("edge_scores.")}
+    if stored:
+        return stored
     cached = Path(folder) / "edge_scores.npz"
     if cached.is_file():
         with np.load(cached) as f:
-            return {k: f[k] for k in f.files}
-    if not (Path(folder) / "best.pt").is_file():
-        sys.exit(f"error: {folder}/best.pt is needed for the scale-free edge scores; run without --from-ledger")
-    model, data, _, _, device = load_trained(folder, data_dir)
-    scores = srlib.edge_scores(model, data, device)
-    train.write_npz(cached, scores)
+            scores = {k: f[k] for k in f.files}
+    elif (Path(folder) / "best.pt").is_file():
+        model, data, _, _, device = load_trained(folder, data_dir)
+        scores = srlib.edge_scores(model, data, device)
+        train.write_npz(cached, scores)
+    else:
+        sys.exit(f"error: {record.path} holds no edge scores and {folder}/best.pt is gone; "
+                 "run without --from-ledger to train it again")
+    ledger.add_arrays(record, {f"edge_scores.{k}": np.asarray(v) for k, v in scores.items()})
     return scores
 
 
 @lru_cache(maxsize=None)
 def sr_ceiling(world_dir):
-    """(scores, labels) of the ceiling of one world: a linear structure on the true attributes of
-    its training positives (srlib.ceiling_scores)."""
+    """(scores, labels, deviation AUC) of the ceilings of one world: a linear structure on the true
+    attributes of its training positives (srlib.ceiling_scores), and the oracle that knows the
+    world's preferences and reads each user's training sequence (srlib.deviation_ceiling)."""
     data = load_data("interactions", world_dir)
     truth = load_ground_truth(world_dir)
     pick = np.random.default_rng(0).permutation(len(data.train_pos))[:SR_CEILING_PAIRS]
-    users = raw_index(data.raw_user_ids)[data.train_user[pick]]
-    items = raw_index(data.raw_item_ids)[data.item_seq[data.train_pos[pick]]]
-    return srlib.ceiling_metrics(truth, users, items)
+    world_user, world_item = raw_index(data.raw_user_ids), raw_index(data.raw_item_ids)
+    scores, labels = srlib.ceiling_metrics(truth, world_user[data.train_user[pick]],
+                                           world_item[data.item_seq[data.train_pos[pick]]])
+    # each user's training sequence: everything before the validation item, in order
+    lengths = np.diff(data.user_offsets)
+    user_of_pos = np.repeat(np.arange(data.n_users), lengths)
+    step = np.arange(len(data.item_seq)) - data.user_offsets[user_of_pos]
+    train = np.arange(len(data.item_seq)) < data.valid_pos[user_of_pos]
+    sequences = np.full((len(truth["user_deviation"]), int(step[train].max()) + 1), -1)
+    sequences[world_user[user_of_pos[train]], step[train]] = world_item[data.item_seq[train]]
+    return scores, labels, srlib.deviation_ceiling(truth, sequences)[1]
 
 
 def sr_run_numbers(record, folder, world_dir, truth):
@@ -1348,7 +1365,7 @@ def sr_run_numbers(record, folder, world_dir, truth):
     allowed = planrec.dependency_support(cfg).numpy()
     s = ledger.read_record(record.path).structure()
     pairs = srlib.scored_pairs(s["factor_names"], truth, allowed)
-    scores = sr_edge_scores(folder, world_dir)
+    scores = sr_edge_scores(record, folder, world_dir)
     out = {"ndcg@10": metrics["test"]["ndcg@10"], "record": record.name}
     for kind, (index, labels) in pairs.items():
         out[kind] = {"labels": labels.tolist(), "pairs": [[int(p), int(c)] for p, c in index],
@@ -1397,8 +1414,10 @@ def structure_recovery_drawn(setup, runs):
             rows.append(sr_row(key, kind, flags, what, ours, per_seed, records))
     if missing:
         sys.exit("error: --from-ledger: no current record for\n  " + "\n  ".join(missing))
-    ceiling_summary = srlib.pooled_summary([c[0].ravel() for c in ceiling.values()],
-                                           [c[1].ravel() for c in ceiling.values()]) if ceiling else None
+    ceiling_summary = dict(srlib.pooled_summary([c[0].ravel() for c in ceiling.values()],
+                                                [c[1].ravel() for c in ceiling.values()]),
+                           deviation_auc={"mean": float(np.mean([c[2] for c in ceiling.values()])),
+                                          "per_world": [c[2] for c in ceiling.values()]}) if ceiling else None
     return sr_section(setup, rows, ceiling_summary, world_seeds, smoke)
 
 
@@ -1432,9 +1451,10 @@ def sr_section(setup, rows, ceiling, world_seeds, smoke):
             cell(a["abs_A"]["auroc"]), f"{r['deviation_auc']['mean']:.3f}" if np.isfinite(r["deviation_auc"]["mean"]) else "—",
             f"{r['ndcg@10']['mean']:.4f}", f"{np.mean(r['wall_s']):.0f}"]) + " |")
     if ceiling:
-        lines.append("| ceiling: linear structure on the true attributes of positive pairs | "
+        lines.append("| ceiling: linear structure on the true attributes of positive pairs; deviation: the "
+                     "oracle that knows the world's preferences | "
                      + " | ".join([cell(ceiling["auroc"]), cell(ceiling["auprc"]), cell(ceiling["precision_at_k"])]
-                                  + ["", "", "", "", "", ""]) + " |")
+                                  + ["", "", "", f"{ceiling['deviation_auc']['mean']:.3f}", "", ""]) + " |")
     by_key = {r["row"]: r for r in rows}
     candidates = [r for r in rows if r["ours"] and r["world"] == "drawn" and "--drop-dependencies" in r["flags"]]
     best = max(candidates, key=lambda r: r["edge"]["cross"]["abs_A"]["auroc"]["mean"]) if candidates else None
@@ -1448,7 +1468,9 @@ def sr_section(setup, rows, ceiling, world_seeds, smoke):
         goals.append(f"Best row of ours: `{best['row']}` ({best['what']}). Edge AUROC (mean of seeds) {auroc:.3f} "
                      f"(goal >= 0.9: {verdict(auroc >= 0.9)}"
                      + (f"; these worlds include tuning seeds {tuning}" if tuning else "; no tuning seed among these worlds")
-                     + f"); deviation AUC {dev:.3f} (goal >= 0.7: {verdict(np.isfinite(dev) and dev >= 0.7)})")
+                     + f"); deviation AUC {dev:.3f} (goal >= 0.7: {verdict(np.isfinite(dev) and dev >= 0.7)}"
+                     + (f"; the oracle that knows the world reaches {ceiling['deviation_auc']['mean']:.3f}" if ceiling else "")
+                     + ")")
         if paper:
             gap = best["ndcg@10"]["mean"] - paper["ndcg@10"]["mean"]
             goals.append(f"NDCG@10 {best['ndcg@10']['mean']:.4f} vs the paper's model {paper['ndcg@10']['mean']:.4f} "
@@ -1471,7 +1493,9 @@ def sr_section(setup, rows, ceiling, world_seeds, smoke):
             "rescaling A[j, i] against g_i); loss increase = how much the shared prediction's BCE on 300 users' "
             "validation candidates grows when A[j, i] is zeroed (`analysis.structure_recovery`). Deviation AUC: "
             "per true edge, how well 1 - keep probability of its entry separates the users who ignore it; the mean "
-            "over edges. Chance: AUROC 0.5, AUPRC and P@k = the share of true pairs (10/25 with the i2u prior).")
+            "over edges; its ceiling is an oracle that knows every user's attributes and the world's preferences but "
+            "not who ignores what, scoring each user and edge by the log-likelihood ratio of the user's training "
+            "sequence with that edge ignored against with every edge kept (`deviation_ceiling`). Chance: AUROC 0.5, AUPRC and P@k = the share of true pairs (10/25 with the i2u prior).")
     numbers = {"best_row": best["row"] if best else None, "world_seeds": world_seeds,
                "tuning_world_seeds": list(SR_TUNING_WORLD_SEEDS), "world_users": setup.world_users,
                "edge_scale": setup.edge_scale, "edge_strengths": list(setup.edge_strengths),

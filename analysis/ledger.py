@@ -426,6 +426,13 @@ def write_record(path, meta, arrays):
     return Record(Path(path), plain(meta), dict(arrays))
 
 
+def add_arrays(record, arrays):
+    """record with arrays added to its file (same meta, so the same run and identity): results an
+    analysis derives from a run folder that the folder will not outlive (structure recovery's edge
+    scores need the checkpoint)."""
+    return write_record(record.path, record.meta, {**record.arrays, **arrays})
+
+
 def read_record(path, arrays=True):
     """The Record at path (arrays=False: meta only, which is quick)."""
     try:

@@ -16,13 +16,16 @@ Edge scores of a trained model (`edge_scores`), each [N(parent), N(child)]:
                    reparameterization that keeps its predictions can change it.
 """
 
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.special import logsumexp
 from scipy.stats import rankdata
 
 import planrec
-from datasets.synthetic import raw_index
+from datasets.synthetic import raw_index, structured_preferences
 
 # ------------------------------------------------------------------------------------------------
 # Ranking metrics of one score vector against binary labels
@@ -156,6 +159,49 @@ def deviation_auc(keep_prob_A, user_ids, factor_names, truth):
         if str(parent) in names and str(child) in names:
             p, c = names.index(str(parent)), names.index(str(child))
             per_edge[f"{parent}->{child}"] = auroc(1.0 - keep_prob_A[:, p, c], deviation == e)
+    defined = [v for v in per_edge.values() if np.isfinite(v)]
+    return per_edge, float(np.mean(defined)) if defined else float("nan")
+
+
+def deviation_ceiling(truth, sequences, users_per_chunk=256):
+    """The deviation AUC of an oracle that knows the world: every user's attributes, every edge's
+    strength and match, popularity and the previous-item bonus, but not who ignores which edge.
+    Per user and edge it scores the log-likelihood ratio of the user's sequence under "ignores this
+    edge" against "keeps every edge", replaying the generator's draw (softmax over the items not yet
+    taken, make_structured_world); then deviation_auc's per-edge AUC of that score against the users
+    who ignore the edge. No model can beat it on the same sequences, so it says how much the data
+    allow. sequences: [n_users of the world, L] item indices (raw id - 1) in order, -1 padded; users
+    with no item are left out. ({edge: AUC}, mean)."""
+    params = json.loads(str(truth["params"]))
+    names = ("n_users", "n_items", "seed", "n_user_attrs", "n_item_attrs", "n_edges", "n_user_edges",
+             "strength_range", "edge_scale", "user_edge_strength", "deviating_share", "popularity_weight")
+    world = structured_preferences(**{k: params[k] for k in names})
+    uv, iv = world["user_values"], world["item_values"]
+    # what each edge adds to a user's taste for each item, [edges, users, items]; ignoring it removes it
+    parts = np.stack([strength * params["edge_scale"] * table[uv[:, u]][:, iv[:, i]]
+                      for (u, i, strength), table in zip(world["edges"], world["match_tables"])])
+    kept = parts.sum(0) + params["popularity_weight"] * world["log_popularity"][None, :]
+    sequences = np.asarray(sequences)
+    first_attr = iv[:, 0]
+    loglik = np.zeros((len(kept), len(parts) + 1))      # [users, hypotheses]: keeps all, ignores edge e
+    for start in range(0, len(kept), users_per_chunk):  # chunks of users; hypotheses and items vectorized
+        rows = np.arange(start, min(start + users_per_chunk, len(kept)))
+        logits = kept[rows, None, :] - np.concatenate([np.zeros((1, len(rows), kept.shape[1])), parts[:, rows]]).transpose(1, 0, 2)
+        taken = np.zeros((len(rows), kept.shape[1]), dtype=bool)
+        previous = np.full(len(rows), -1)
+        for t in range(sequences.shape[1]):              # the draw is sequential: a loop over steps
+            item = sequences[rows, t]
+            active = item >= 0
+            step = logits + params["sequence_weight"] * (first_attr[None, :] == previous[:, None])[:, None, :]
+            step = np.where(taken[:, None, :], -np.inf, step)
+            picked = step[np.arange(len(rows)), :, np.maximum(item, 0)]
+            loglik[rows] += np.where(active[:, None], picked - logsumexp(step, axis=2), 0.0)
+            taken[np.arange(len(rows))[active], item[active]] = True
+            previous = np.where(active, first_attr[np.maximum(item, 0)], previous)
+    present = (sequences >= 0).any(1)
+    ratio = loglik[present, 1:] - loglik[present, :1]
+    deviation = np.asarray(truth["user_deviation"])[present]
+    per_edge = {f"{parent}->{child}": auroc(ratio[:, e], deviation == e) for e, (parent, child) in enumerate(truth["edges"])}
     defined = [v for v in per_edge.values() if np.isfinite(v)]
     return per_edge, float(np.mean(defined)) if defined else float("nan")
 

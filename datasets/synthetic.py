@@ -218,6 +218,59 @@ def draw_world_dag(seed, n_user_attrs=5, n_item_attrs=5, n_edges=10, n_user_edge
             [(u, i, float(w)) for (u, i), w in zip(edges, strengths)], user_edges)
 
 
+def structured_preferences(n_users, n_items, seed, n_user_attrs, n_item_attrs, n_edges, n_user_edges,
+                           strength_range, edge_scale, user_edge_strength, deviating_share, popularity_weight):
+    """Everything of make_structured_world's world `seed` before its sequences are drawn, as a dict:
+    the DAG, the attributes, who ignores which edge, each edge's standardized match per pair of
+    values (match_tables[e][user value, item value]), taste [users, items] and the generator `rng`
+    where make_structured_world goes on drawing. Replaying it from ground_truth.npz's params gives
+    the world's exact preferences (structure_recovery.deviation_ceiling reads them)."""
+    user_names, item_names, edges, user_edges = draw_world_dag(seed, n_user_attrs, n_item_attrs, n_edges,
+                                                               n_user_edges, strength_range)
+    rng = np.random.default_rng([seed, 21])
+    _, user_kinds, user_cards = _world_attributes(rng, n_user_attrs, "ua")
+    _, item_kinds, item_cards = _world_attributes(rng, n_item_attrs, "ia")
+
+    user_values = np.zeros((n_users, n_user_attrs), dtype=np.int64)
+    for k in range(n_user_attrs):             # a loop over attributes, vectorized over users
+        values = rng.integers(0, user_cards[k], n_users)
+        parents = [p for p, c in user_edges if c == k]
+        if parents:   # copy (a random map of) one of the parents, chosen per user
+            mapped = np.stack([rng.integers(0, user_cards[k], user_cards[p])[user_values[:, p]] for p in parents], 1)
+            mapped = mapped[np.arange(n_users), rng.integers(0, len(parents), n_users)]
+            values = np.where(rng.random(n_users) < user_edge_strength, mapped, values)
+        user_values[:, k] = values
+    item_values = np.stack([rng.integers(0, c, n_items) for c in item_cards], 1)
+
+    n_e = len(edges)
+    deviating = rng.random(n_users) < deviating_share
+    dropped = rng.integers(0, n_e, n_users)
+    user_deviation = np.where(deviating, dropped, -1)
+    edge_mask = np.ones((n_users, n_e), dtype=bool)
+    edge_mask[deviating, dropped[deviating]] = False
+    taste, match_tables = np.zeros((n_users, n_items)), []
+    for e, (u, i, strength) in enumerate(edges):   # a loop over the ~10 edges, vectorized over pairs
+        a, b = user_values[:, u], item_values[:, i]
+        if user_kinds[u] == "ordinal" and item_kinds[i] == "ordinal":
+            match = -np.abs(a[:, None] / (user_cards[u] - 1) - b[None, :] / (item_cards[i] - 1))
+            table = -np.abs(np.arange(user_cards[u])[:, None] / (user_cards[u] - 1)
+                            - np.arange(item_cards[i])[None, :] / (item_cards[i] - 1))
+        else:
+            table = rng.normal(0.0, 1.0, (user_cards[u], item_cards[i]))
+            match = table[a][:, b]
+        mean, std = match.mean(), (match.std() or 1.0)
+        match = (match - mean) / std
+        match_tables.append((table - mean) / std)   # the same floats as match, per pair of values
+        taste += (strength * edge_scale) * edge_mask[:, e:e + 1] * match
+    log_popularity = rng.normal(0.0, 1.0, n_items)
+    taste += popularity_weight * log_popularity[None, :]
+
+    return dict(rng=rng, taste=taste, user_names=user_names, item_names=item_names, edges=edges,
+                user_edges=user_edges, user_kinds=user_kinds, item_kinds=item_kinds, user_cards=user_cards,
+                item_cards=item_cards, user_values=user_values, item_values=item_values, edge_mask=edge_mask,
+                user_deviation=user_deviation, match_tables=match_tables, log_popularity=log_popularity)
+
+
 def make_structured_world(folder, n_users=5000, n_items=1000, mean_len=20, seed=0, n_user_attrs=5,
                           n_item_attrs=5, n_edges=10, n_user_edges=3, strength_range=(0.5, 2.0),
                           edge_scale=1.0, user_edge_strength=0.7, deviating_share=0.2,
@@ -245,40 +298,12 @@ def make_structured_world(folder, n_users=5000, n_items=1000, mean_len=20, seed=
                          f"n_users >= 1, 0 <= deviating_share <= 1")
     if edge_scale < 0 or not 0 <= user_edge_strength <= 1 or strength_range[0] > strength_range[1]:
         raise ValueError("need edge_scale >= 0, 0 <= user_edge_strength <= 1 and a range low <= high")
-    user_names, item_names, edges, user_edges = draw_world_dag(seed, n_user_attrs, n_item_attrs, n_edges,
-                                                               n_user_edges, strength_range)
-    rng = np.random.default_rng([seed, 21])
-    _, user_kinds, user_cards = _world_attributes(rng, n_user_attrs, "ua")
-    _, item_kinds, item_cards = _world_attributes(rng, n_item_attrs, "ia")
-
-    user_values = np.zeros((n_users, n_user_attrs), dtype=np.int64)
-    for k in range(n_user_attrs):             # a loop over attributes, vectorized over users
-        values = rng.integers(0, user_cards[k], n_users)
-        parents = [p for p, c in user_edges if c == k]
-        if parents:   # copy (a random map of) one of the parents, chosen per user
-            mapped = np.stack([rng.integers(0, user_cards[k], user_cards[p])[user_values[:, p]] for p in parents], 1)
-            mapped = mapped[np.arange(n_users), rng.integers(0, len(parents), n_users)]
-            values = np.where(rng.random(n_users) < user_edge_strength, mapped, values)
-        user_values[:, k] = values
-    item_values = np.stack([rng.integers(0, c, n_items) for c in item_cards], 1)
-
-    n_e = len(edges)
-    deviating = rng.random(n_users) < deviating_share
-    dropped = rng.integers(0, n_e, n_users)
-    user_deviation = np.where(deviating, dropped, -1)
-    edge_mask = np.ones((n_users, n_e), dtype=bool)
-    edge_mask[deviating, dropped[deviating]] = False
-    taste = np.zeros((n_users, n_items))
-    for e, (u, i, strength) in enumerate(edges):   # a loop over the ~10 edges, vectorized over pairs
-        a, b = user_values[:, u], item_values[:, i]
-        if user_kinds[u] == "ordinal" and item_kinds[i] == "ordinal":
-            match = -np.abs(a[:, None] / (user_cards[u] - 1) - b[None, :] / (item_cards[i] - 1))
-        else:
-            match = rng.normal(0.0, 1.0, (user_cards[u], item_cards[i]))[a][:, b]
-        match = (match - match.mean()) / (match.std() or 1.0)
-        taste += (strength * edge_scale) * edge_mask[:, e:e + 1] * match
-    log_popularity = rng.normal(0.0, 1.0, n_items)
-    taste += popularity_weight * log_popularity[None, :]
+    w = structured_preferences(n_users, n_items, seed, n_user_attrs, n_item_attrs, n_edges, n_user_edges,
+                               strength_range, edge_scale, user_edge_strength, deviating_share, popularity_weight)
+    rng, taste, user_values, item_values = w["rng"], w["taste"], w["user_values"], w["item_values"]
+    user_names, item_names, edges, user_edges = w["user_names"], w["item_names"], w["edges"], w["user_edges"]
+    user_kinds, item_kinds, user_cards, item_cards = w["user_kinds"], w["item_kinds"], w["user_cards"], w["item_cards"]
+    edge_mask, user_deviation, log_popularity = w["edge_mask"], w["user_deviation"], w["log_popularity"]
 
     lengths = np.minimum(lengths_floor + rng.poisson(mean_len - lengths_floor, n_users), n_items - 101)
     max_len = int(lengths.max())

@@ -1,6 +1,8 @@
 """Structure recovery (issue 20): the drawn worlds, the metrics, the scale-free edge scores and our
 model options (off by default; side-separated factors, additive heads, the masks' own objective)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,39 @@ def test_the_world_carries_its_edges(small_world, tmp_path):
         table = np.zeros((values[:, p].max() + 1, values[:, c].max() + 1))
         np.add.at(table, (values[:, p], values[:, c]), 1)
         assert stats.chi2_contingency(table + 1e-9).pvalue < 1e-3
+
+
+def test_replaying_a_world_from_its_params_gives_its_preferences(small_world):
+    truth = synthetic.load_ground_truth(small_world)
+    params = json.loads(str(truth["params"]))
+    names = ("n_users", "n_items", "seed", "n_user_attrs", "n_item_attrs", "n_edges", "n_user_edges",
+             "strength_range", "edge_scale", "user_edge_strength", "deviating_share", "popularity_weight")
+    w = synthetic.structured_preferences(**{k: params[k] for k in names})
+    for key in ("user_values", "item_values", "user_deviation", "user_edge_mask"):
+        assert np.array_equal(w["edge_mask" if key == "user_edge_mask" else key], truth[key])
+    assert np.array_equal(w["log_popularity"], truth["item_log_popularity"])
+    # taste is the sum over edges of strength x (the match table at the user's and the item's values)
+    uv, iv = w["user_values"], w["item_values"]
+    rebuilt = sum(s * w["edge_mask"][:, e:e + 1] * table[uv[:, u]][:, iv[:, i]]
+                  for e, ((u, i, s), table) in enumerate(zip(w["edges"], w["match_tables"])))
+    assert np.allclose(rebuilt + w["log_popularity"][None, :], w["taste"])
+
+
+def test_the_deviation_oracle_finds_who_ignores_an_edge_and_nothing_on_the_floor(tmp_path):
+    """The oracle knows the world but not who deviates: on a world with strong edges and many
+    deviators its log-likelihood ratios separate them; on the floor world ignoring an edge changes
+    nothing, so every score ties (AUC 0.5); scores follow the users' own sequences only."""
+    strong = synthetic.make_structured_world(tmp_path / "strong", seed=5, deviating_share=0.5, edge_scale=2.0, **SMALL)
+    *_, auc = ex.sr_ceiling(str(strong))
+    assert auc > 0.8
+    floor = synthetic.make_structured_world(tmp_path / "floor", seed=5, deviating_share=0.5, edge_scale=0.0, **SMALL)
+    *_, auc_floor = ex.sr_ceiling(str(floor))
+    assert auc_floor == 0.5
+    truth = synthetic.load_ground_truth(strong)
+    n_users = len(truth["user_deviation"])
+    empty = np.full((n_users, 3), -1)
+    per_edge, mean = sr.deviation_ceiling(truth, empty)      # no sequence, no user: nothing defined
+    assert np.isnan(mean) and all(np.isnan(v) for v in per_edge.values())
 
 
 def test_world_errors_are_plain_messages(tmp_path):
@@ -311,7 +346,10 @@ def test_sr_flags_are_appended_to_every_rows_flags_and_override_them(tmp_path):
             "--out", str(tmp_path / "out"), "--ledger", str(tmp_path / "ledger"),
             "--synthetic-dir", str(tmp_path / "worlds"), "--train-args", "--threads 1 --max-steps 2"]
     ex.main(argv)
-    [row] = json.loads((tmp_path / "out" / "structure-recovery.json").read_text())["rows"]
+    report = json.loads((tmp_path / "out" / "structure-recovery.json").read_text())
+    [row] = report["rows"]
+    assert report["ceiling"]["deviation_auc"]["per_world"] and 0 <= report["ceiling"]["deviation_auc"]["mean"] <= 1
+    assert "the oracle that knows the world reaches" in report["markdown"]
     assert row["flags"] == [*ex.SR_DRAWN["sr-tied"][1], "--epochs", "1", "--set", "w_attribute=5"]
     [record] = [ledger.read_record(p) for p in (tmp_path / "ledger").glob("sr-tied-x*-w0-*.npz")]
     assert record.meta["metrics"]["config"]["w_attribute"] == 5.0
@@ -319,3 +357,11 @@ def test_sr_flags_are_appended_to_every_rows_flags_and_override_them(tmp_path):
     ex.main(argv[:argv.index("--sr-flags")] + argv[argv.index("--sr-flags") + 2:])   # the row as defined
     assert len(list((tmp_path / "ledger").glob("sr-tied-w0-*.npz"))) == 1          # its own key and folder
     assert (tmp_path / "out" / "runs" / "sr-tied-w0-seed0").is_dir() and record.meta["key"].startswith("sr-tied-x")
+    # the record now carries the edge scores: the report is rebuilt with the run folders gone
+    [record] = [ledger.read_record(p) for p in (tmp_path / "ledger").glob("sr-tied-x*-w0-*.npz")]
+    assert {"edge_scores.abs_A", "edge_scores.effective", "edge_scores.loss_increase"} <= set(record.arrays)
+    import shutil
+    shutil.rmtree(tmp_path / "out")
+    ex.main(argv + ["--from-ledger"])
+    again = json.loads((tmp_path / "out" / "structure-recovery.json").read_text())
+    assert again["rows"][0]["edge"] == row["edge"] and again["ceiling"] == report["ceiling"]
