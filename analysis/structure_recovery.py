@@ -25,7 +25,7 @@ from scipy.special import logsumexp
 from scipy.stats import rankdata
 
 import planrec
-from datasets.synthetic import raw_index, structured_preferences
+from datasets.synthetic import raw_index, replay_preferences
 
 # ------------------------------------------------------------------------------------------------
 # Ranking metrics of one score vector against binary labels
@@ -173,9 +173,7 @@ def deviation_ceiling(truth, sequences, users_per_chunk=256):
     allow. sequences: [n_users of the world, L] item indices (raw id - 1) in order, -1 padded; users
     with no item are left out. ({edge: AUC}, mean)."""
     params = json.loads(str(truth["params"]))
-    names = ("n_users", "n_items", "seed", "n_user_attrs", "n_item_attrs", "n_edges", "n_user_edges",
-             "strength_range", "edge_scale", "user_edge_strength", "deviating_share", "popularity_weight")
-    world = structured_preferences(**{k: params[k] for k in names})
+    world = replay_preferences(truth)
     uv, iv = world["user_values"], world["item_values"]
     # what each edge adds to a user's taste for each item, [edges, users, items]; ignoring it removes it
     parts = np.stack([strength * params["edge_scale"] * table[uv[:, u]][:, iv[:, i]]

@@ -7,6 +7,7 @@ in ML-1M's format with its ground truth (ground_truth.npz) beside it, then prepa
 `load` generates the world first when its folder holds none (default ./data/<name>).
 """
 
+import inspect
 import json
 import shutil
 import tempfile
@@ -269,6 +270,12 @@ def structured_preferences(n_users, n_items, seed, n_user_attrs, n_item_attrs, n
                 user_edges=user_edges, user_kinds=user_kinds, item_kinds=item_kinds, user_cards=user_cards,
                 item_cards=item_cards, user_values=user_values, item_values=item_values, edge_mask=edge_mask,
                 user_deviation=user_deviation, match_tables=match_tables, log_popularity=log_popularity)
+
+
+def replay_preferences(truth):
+    """structured_preferences of the world whose ground truth (load_ground_truth) is given."""
+    params = json.loads(str(truth["params"]))
+    return structured_preferences(**{k: params[k] for k in inspect.signature(structured_preferences).parameters})
 
 
 def make_structured_world(folder, n_users=5000, n_items=1000, mean_len=20, seed=0, n_user_attrs=5,

@@ -1,8 +1,6 @@
 """Structure recovery (issue 20): the drawn worlds, the metrics, the scale-free edge scores and our
 model options (off by default; side-separated factors, additive heads, the masks' own objective)."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -93,10 +91,7 @@ def test_the_world_carries_its_edges(small_world, tmp_path):
 
 def test_replaying_a_world_from_its_params_gives_its_preferences(small_world):
     truth = synthetic.load_ground_truth(small_world)
-    params = json.loads(str(truth["params"]))
-    names = ("n_users", "n_items", "seed", "n_user_attrs", "n_item_attrs", "n_edges", "n_user_edges",
-             "strength_range", "edge_scale", "user_edge_strength", "deviating_share", "popularity_weight")
-    w = synthetic.structured_preferences(**{k: params[k] for k in names})
+    w = synthetic.replay_preferences(truth)
     for key in ("user_values", "item_values", "user_deviation", "user_edge_mask"):
         assert np.array_equal(w["edge_mask" if key == "user_edge_mask" else key], truth[key])
     assert np.array_equal(w["log_popularity"], truth["item_log_popularity"])
