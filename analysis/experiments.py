@@ -1372,6 +1372,12 @@ def sr_run_numbers(record, folder, world_dir, truth):
                      **{name: [float(scores[name][p, c]) for p, c in index] for name in SR_SCORES}}
     out["deviation_per_edge"], out["deviation_auc"] = srlib.deviation_auc(
         s.get("keep_prob_A"), s["user_ids"], s["factor_names"], truth)
+    # sigma(Var / beta) of Eq. (17) at the best epoch's validation: 0.5 where the sampled masks all
+    # predict alike, i.e. where the personalized structures make no difference
+    best = [e for e in metrics["epochs"] if e["epoch"] == metrics["best_epoch"]]
+    personal = best[0]["valid"].get("personalization", {}) if best else {}
+    out["uncertainty_p50"] = personal.get("uncertainty_p50", float("nan"))
+    out["uncertainty_p90"] = personal.get("uncertainty_p90", float("nan"))
     return out
 
 
@@ -1431,7 +1437,9 @@ def sr_row(key, kind, flags, what, ours, per_seed, records):
             "records": [r.name for r in records], "wall_s": [p["wall_s"] for p in per_seed],
             "edge": summary, "deviation_auc": {"mean": float(np.nanmean(deviation)) if np.isfinite(deviation).any() else float("nan"),
                                                "per_seed": deviation},
-            "ndcg@10": {"mean": float(np.mean(ndcg)), "per_seed": ndcg}, "per_seed": per_seed}
+            "ndcg@10": {"mean": float(np.mean(ndcg)), "per_seed": ndcg},
+            "uncertainty_p50": float(np.mean([p["uncertainty_p50"] for p in per_seed])),
+            "uncertainty_p90": float(np.mean([p["uncertainty_p90"] for p in per_seed])), "per_seed": per_seed}
 
 
 def sr_section(setup, rows, ceiling, world_seeds, smoke):
@@ -1440,7 +1448,7 @@ def sr_section(setup, rows, ceiling, world_seeds, smoke):
             return "—"
         return f"{v['pooled']:.{digits}f} [{v['low']:.2f}, {v['high']:.2f}] (mean {v['mean']:.{digits}f})"
     head = ["row", "edge AUROC, abs(A)", "AUPRC, abs(A)", "P@k, abs(A)", "AUROC, effective", "AUROC, loss increase",
-            "AUROC all pairs (+ u->u)", "deviation AUC", "N@10", "wall s / run"]
+            "AUROC all pairs (+ u->u)", "deviation AUC", "uncertainty p50 / p90", "N@10", "wall s / run"]
     lines = (["**SMOKE TEST (quick budget), not a result**", ""] if smoke else []) + [
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -1449,12 +1457,13 @@ def sr_section(setup, rows, ceiling, world_seeds, smoke):
             f"{r['what']} (`{r['row']}`)", cell(e["abs_A"]["auroc"]), cell(e["abs_A"]["auprc"]),
             cell(e["abs_A"]["precision_at_k"]), cell(e["effective"]["auroc"]), cell(e["loss_increase"]["auroc"]),
             cell(a["abs_A"]["auroc"]), f"{r['deviation_auc']['mean']:.3f}" if np.isfinite(r["deviation_auc"]["mean"]) else "—",
+            f"{r['uncertainty_p50']:.3f} / {r['uncertainty_p90']:.3f}" if np.isfinite(r["uncertainty_p50"]) else "—",
             f"{r['ndcg@10']['mean']:.4f}", f"{np.mean(r['wall_s']):.0f}"]) + " |")
     if ceiling:
         lines.append("| ceiling: linear structure on the true attributes of positive pairs; deviation: the "
                      "oracle that knows the world's preferences | "
                      + " | ".join([cell(ceiling["auroc"]), cell(ceiling["auprc"]), cell(ceiling["precision_at_k"])]
-                                  + ["", "", "", f"{ceiling['deviation_auc']['mean']:.3f}", "", ""]) + " |")
+                                  + ["", "", "", f"{ceiling['deviation_auc']['mean']:.3f}", "", "", ""]) + " |")
     by_key = {r["row"]: r for r in rows}
     candidates = [r for r in rows if r["ours"] and r["world"] == "drawn" and "--drop-dependencies" in r["flags"]]
     best = max(candidates, key=lambda r: r["edge"]["cross"]["abs_A"]["auroc"]["mean"]) if candidates else None
@@ -1493,7 +1502,9 @@ def sr_section(setup, rows, ceiling, world_seeds, smoke):
             "rescaling A[j, i] against g_i); loss increase = how much the shared prediction's BCE on 300 users' "
             "validation candidates grows when A[j, i] is zeroed (`analysis.structure_recovery`). Deviation AUC: "
             "per true edge, how well 1 - keep probability of its entry separates the users who ignore it; the mean "
-            "over edges; its ceiling is an oracle that knows every user's attributes and the world's preferences but "
+            "over edges. Uncertainty: sigma(Var / beta) of Eq. (17) on the best epoch's validation candidates, median "
+            "and 90th percentile; 0.5 means the sampled personalized structures all predict alike. The deviation "
+            "AUC's ceiling is an oracle that knows every user's attributes and the world's preferences but "
             "not who ignores what, scoring each user and edge by the log-likelihood ratio of the user's training "
             "sequence with that edge ignored against with every edge kept (`deviation_ceiling`). Chance: AUROC 0.5, AUPRC and P@k = the share of true pairs (10/25 with the i2u prior).")
     numbers = {"best_row": best["row"] if best else None, "world_seeds": world_seeds,
