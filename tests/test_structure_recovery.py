@@ -355,6 +355,8 @@ def test_sr_flags_are_appended_to_every_rows_flags_and_override_them(tmp_path):
     # the record now carries the edge scores: the report is rebuilt with the run folders gone
     [record] = [ledger.read_record(p) for p in (tmp_path / "ledger").glob("sr-tied-x*-w0-*.npz")]
     assert {"edge_scores.abs_A", "edge_scores.effective", "edge_scores.loss_increase"} <= set(record.arrays)
+    assert list(report["records"]) == [p.name for p in (tmp_path / "ledger").glob("sr-tied-x*-w0-*.npz")]
+    assert "Runs: 1 ledger records" in (tmp_path / "out" / "REPORT.md").read_text()
     import shutil
     shutil.rmtree(tmp_path / "out")
     ex.main(argv + ["--from-ledger"])
