@@ -814,29 +814,28 @@ def table6(setup, runs):
 CUMULATIVE_NOTE = "Each row is tested against the row before it (the cumulative step it adds)."
 
 
-def table7(setup, runs):
+def cumulative_table(setup, runs, name, title, part, steps, after):
+    """Tables 7 and 8: steps [(label, run key, paper key)] added in turn, each row tested against
+    the row before it; the rows are stored under `part`."""
     d = setup.data
-    components = table(setup, runs, [
-        Row("VAE", f"{d}-vae", PAPER["vae"]),
-        Row("+SSL", f"{d}-ssl", PAPER["ssl"], compare="VAE"),
-        Row("+PSL", f"{d}-psl", PAPER["psl"], compare="+SSL"),
-        Row("+Uncer", f"{d}-planrec", PAPER["planrec"], compare="+PSL")])
-    text = (f"{markdown_table(f'Table 7 ({d}): components added cumulatively', components)}\n\n{CUMULATIVE_NOTE} "
-            "+PSL samples one structure (N_m = 1); +Uncer is the full model (`planrec.PRESETS`: vae_base, ssl, psl, full).")
-    return Section(text, {"components": components}, {"table7.csv": components})
+    rows = table(setup, runs, [Row(label, f"{d}-{key}", PAPER[paper], compare=steps[k - 1][0] if k else ())
+                               for k, (label, key, paper) in enumerate(steps)])
+    text = f"{markdown_table(f'{title} ({d}): {part} added cumulatively', rows)}\n\n{CUMULATIVE_NOTE} {after}"
+    return Section(text, {part: rows}, {f"{name}.csv": rows})
+
+
+def table7(setup, runs):
+    return cumulative_table(setup, runs, "table7", "Table 7", "components", [
+        ("VAE", "vae", "vae"), ("+SSL", "ssl", "ssl"), ("+PSL", "psl", "psl"), ("+Uncer", "planrec", "planrec")],
+        "+PSL samples one structure (N_m = 1); +Uncer is the full model (`planrec.PRESETS`: vae_base, ssl, psl, full).")
 
 
 def table8(setup, runs):
-    d = setup.data
-    regularizers = table(setup, runs, [
-        Row("Base", f"{d}-no-regs", PAPER["no-regs"]),
-        Row("+RecR", f"{d}-recr", PAPER["recr"], compare="Base"),
-        Row("+AcyR", f"{d}-recr-acyr", PAPER["recr-acyr"], compare="+RecR"),
-        Row("+DepR", f"{d}-planrec", PAPER["planrec"], compare="+AcyR")])
-    text = (f"{markdown_table(f'Table 8 ({d}): regularizers added cumulatively', regularizers)}\n\n{CUMULATIVE_NOTE} "
-            "Base is PlanRec without RecR, AcyR and DepR; +DepR is the full model (`planrec.PRESETS`: no_regs, recr, "
-            "recr_acyr, full).")
-    return Section(text, {"regularizers": regularizers}, {"table8.csv": regularizers})
+    return cumulative_table(setup, runs, "table8", "Table 8", "regularizers", [
+        ("Base", "no-regs", "no-regs"), ("+RecR", "recr", "recr"), ("+AcyR", "recr-acyr", "recr-acyr"),
+        ("+DepR", "planrec", "planrec")],
+        "Base is PlanRec without RecR, AcyR and DepR; +DepR is the full model (`planrec.PRESETS`: no_regs, recr, "
+        "recr_acyr, full).")
 
 
 def paper_settings(setup, runs):
