@@ -1348,13 +1348,10 @@ def sr_ceiling(world_dir):
     world_user, world_item = raw_index(data.raw_user_ids), raw_index(data.raw_item_ids)
     scores, labels = srlib.ceiling_metrics(truth, world_user[data.train_user[pick]],
                                            world_item[data.item_seq[data.train_pos[pick]]])
-    # each user's training sequence: everything before the validation item, in order
-    lengths = np.diff(data.user_offsets)
-    user_of_pos = np.repeat(np.arange(data.n_users), lengths)
-    step = np.arange(len(data.item_seq)) - data.user_offsets[user_of_pos]
-    train = np.arange(len(data.item_seq)) < data.valid_pos[user_of_pos]
-    sequences = np.full((len(truth["user_deviation"]), int(step[train].max()) + 1), -1)
-    sequences[world_user[user_of_pos[train]], step[train]] = world_item[data.item_seq[train]]
+    # each user's training sequence (everything before the validation item), left-padded with -1
+    length = int((data.valid_pos - data.user_offsets[:-1]).max())
+    sequences = np.full((len(truth["user_deviation"]), length), -1)
+    sequences[world_user] = world_item[data.history(np.arange(data.n_users), data.valid_pos, length)]
     return scores, labels, srlib.deviation_ceiling(truth, sequences)[1]
 
 

@@ -76,6 +76,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 import torch
 
 import data as datalib
@@ -465,8 +466,7 @@ def gate_keep_probabilities(mask_logits_A):
     = "gates", our option), exactly sigmoid(logit), zero on the diagonal. export_structures draws
     its keep_prob_A from Eq. (12)'s top-K for every model (analysis/diagnostics.py), which for a
     gates model describes other masks than it samples: its record stores these instead."""
-    logits = np.asarray(mask_logits_A, dtype=np.float64)
-    keep = 1.0 / (1.0 + np.exp(-np.clip(logits, -60, 60)))
+    keep = expit(np.asarray(mask_logits_A, dtype=np.float64))
     keep[:, np.arange(keep.shape[1]), np.arange(keep.shape[1])] = 0.0
     return keep.astype(np.float16)
 

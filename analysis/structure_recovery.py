@@ -170,8 +170,8 @@ def deviation_ceiling(truth, sequences, users_per_chunk=256):
     edge" against "keeps every edge", replaying the generator's draw (softmax over the items not yet
     taken, make_structured_world); then deviation_auc's per-edge AUC of that score against the users
     who ignore the edge. No model can beat it on the same sequences, so it says how much the data
-    allow. sequences: [n_users of the world, L] item indices (raw id - 1) in order, -1 padded; users
-    with no item are left out. ({edge: AUC}, mean)."""
+    allow. sequences: [n_users of the world, L] item indices (raw id - 1) in order, -1 for padding
+    (anywhere); users with no item are left out. ({edge: AUC}, mean)."""
     params = json.loads(str(truth["params"]))
     world = replay_preferences(truth)
     uv, iv = world["user_values"], world["item_values"]
