@@ -15,6 +15,9 @@ carry ["data/ml-1m"], timeout_s 600. Back here, from the reply's files_at:
 
     python -m analysis.device_runs --take FILES_AT/records.tar       # into ledger/, then commit it
 
+Take them only where FILES_AT/summary.txt says the agreement check agrees (below): the check runs
+beside the others, not before them, since one call has no time to wait for it.
+
 What one call does, within --budget-s seconds of wall (so that a 600-s call ends with its files):
 1. The agreement check (skip with --no-check): --check-run (planrec) seed 0 is trained again on
    this machine into a ledger of its own and compared with the ledger's records of every seed. It
