@@ -64,7 +64,7 @@ PARTIAL_MIB, PARTIAL_FILES = 15, 4
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the ledger's missing runs several at once on one GPU machine "
                                             "(issue 19, item 5), or take the records such a call brought back.")
-    p.add_argument("out", nargs="?", help="output folder: records.tar, check.tar, logs.tar.gz, summary.txt, agreement.txt")
+    p.add_argument("out", nargs="?", help="output folder: records.tar, check.tar, partial-K.tar, logs.tar.gz, summary.txt")
     p.add_argument("experiments", nargs="*", help="experiments whose missing runs to train (default: all)")
     p.add_argument("--take", metavar="TAR", help="extract a records.tar into --ledger (never over a record there) and exit")
     p.add_argument("--budget", choices=sorted(ex.BUDGETS), default="full", help="the experiments' budget")
@@ -91,6 +91,8 @@ def parse_args(argv=None):
         p.error("OUTDIR is required (or --take TAR)")
     if args.jobs < 1 or args.budget_s <= CLOSING_S or args.run_s <= 0:
         p.error(f"need --jobs >= 1, --budget-s > {CLOSING_S} and --run-s > 0")
+    if args.resume_from and not Path(args.resume_from).is_dir():
+        p.error(f"--resume-from {args.resume_from}: no such folder (extract the partial-K.tar files into it)")
     if args.device == "cuda":
         import torch
         if not torch.cuda.is_available():
