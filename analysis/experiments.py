@@ -1827,13 +1827,17 @@ def parse_args(argv=None):
 
 def estimated_seconds(setup, spec):
     """How long one run of spec takes: the median wall time of the ledger's records of the same key
-    and budget (any seed, any code: a record says how long its configuration took on its machine),
+    and budget (any seed, any code: a record says how long its configuration took on its machine; a
+    resumed run's is the sum of its epochs),
     else a rough constant (ESTIMATED_SECONDS). Returns (seconds, where the estimate comes from)."""
     walls = []
     for path in sorted(setup.ledger.glob(f"{spec.key}-seed*-*.npz")):
         meta = ledger.read_record(path, arrays=False).meta
         if meta["key"] == spec.key and meta["budget"] == setup.budget and meta.get("wall_s"):
-            walls.append(meta["wall_s"])
+            epochs = meta["metrics"].get("epochs", [])
+            # A resumed run's wall time is its last process's; its epochs say what the whole run took.
+            walls.append(sum(e["train_s"] + e["eval_s"] for e in epochs) if meta["provenance"] == "resumed" and epochs
+                         else meta["wall_s"])
     if walls:
         return float(np.median(walls)), f"median of {len(walls)} record{'s' * (len(walls) > 1)}"
     return ESTIMATED_SECONDS[(spec.kind, setup.budget)], "rough constant"

@@ -586,6 +586,21 @@ def test_plan_lists_runs_without_training(worlds, tmp_path):
     assert not (tmp_path / "planned").exists()
 
 
+def test_plan_times_a_resumed_record_by_its_epochs_not_its_last_process(everything, tmp_path):
+    """A resumed run's wall_s is only its last process's; --plan's estimate sums its epochs instead."""
+    [path] = sorted((everything / "ledger").glob("synthetic-planrec-seed0-*.npz"))
+    record = ledger.read_record(path)
+    meta = json.loads(json.dumps(record.meta))
+    meta["metrics"]["epochs"] = [{**meta["metrics"]["epochs"][0], "train_s": 100.0, "eval_s": 10.0},
+                                 {**meta["metrics"]["epochs"][0], "train_s": 200.0, "eval_s": 20.0}]
+    (tmp_path / "ledger").mkdir()
+    setup = ex.Setup(out=tmp_path, budget=meta["budget"], seeds=[0], data="synthetic", ledger=tmp_path / "ledger")
+    spec = setup.main_spec("planrec")
+    for provenance, expected in (("trained", 1.5), ("resumed", 330.0)):
+        ledger.write_record(tmp_path / "ledger" / path.name, {**meta, "provenance": provenance, "wall_s": 1.5}, record.arrays)
+        assert ex.estimated_seconds(setup, spec) == (expected, "median of 1 record")
+
+
 def test_the_converged_budget_stops_on_patience_3_far_below_its_cap(tmp_path):
     setup = ex.Setup(out=tmp_path, budget="converged", seeds=[0])
     spec = setup.main_spec("planrec")
