@@ -38,8 +38,6 @@ at most, what the device tool brings back.
 """
 
 import argparse
-import contextlib
-import io
 import os
 import shlex
 import shutil
@@ -111,17 +109,15 @@ def experiments_argv(args, *more):
 
 
 def missing_runs(args, work):
-    """[(key, seed)] the experiments lack in args.ledger, real-dataset runs only, in plan order."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        rows = ex.main([*(args.experiments or ["all"]), "--plan", "--seeds", *map(str, args.seeds), "--out", str(work),
-                        "--ledger", args.ledger, "--train-args", args.train_args, *experiments_argv(args)])
-    runs = []
-    for where, state, _, _ in rows:
-        if state in ("new", "resume", "stale"):
-            key, _, seed = Path(where.split(" ")[0]).name.rpartition("-seed")
-            if key.startswith(f"{args.data}-"):
-                runs.append((state != "resume", key, int(seed)))
-    return [(key, seed) for _, key, seed in sorted(runs, key=lambda r: r[0])]     # resumed runs first, stably
+    """[(key, seed)] the experiments lack in args.ledger (analysis.experiments.run_state: new, resume
+    or stale), real-dataset runs only, resumed ones first, else in the experiments' order."""
+    plan_args = ex.parse_args([*(args.experiments or ["all"]), "--seeds", *map(str, args.seeds), "--out", str(work),
+                               "--ledger", args.ledger, "--train-args", args.train_args, *experiments_argv(args)])
+    setup, _, specs = ex.invocation(plan_args)
+    code = ledger.code_fingerprint()
+    runs = [(state != "resume", spec.key, seed) for spec in specs if spec.kind == "main" for seed in setup.seeds
+            for state in [ex.run_state(setup, spec, seed, code)[0]] if state in ("new", "resume", "stale")]
+    return [(key, seed) for _, key, seed in sorted(runs, key=lambda r: r[0])]     # sorted is stable
 
 
 class Call:

@@ -469,7 +469,7 @@ class Runs:
         args = runs[0]["args"]
         epochs = sorted({len(r["epochs"]) for r in runs})
         steps = f", max {args['max_steps']} steps/epoch" if args.get("max_steps") else ""
-        wall = np.mean([r["wall_s"] for r in runs])
+        wall = np.mean([ledger.run_seconds(r) or np.nan for r in runs])
         smoke = "; smoke test" if self.smoke_test([key]) else ""
         return f"{'/'.join(map(str, epochs))} of {args['epochs']} epochs{steps}; {wall:.0f} s{smoke}"
 
@@ -1408,7 +1408,7 @@ def structure_recovery_drawn(setup, runs):
             smoke |= record.meta["smoke_test"]
             truth = load_ground_truth(world)
             m = sr_run_numbers(record, setup.folder(spec, seed), str(world), truth)
-            m.update(seed=seed, world_seed=world_seed, wall_s=record.meta["wall_s"])
+            m.update(seed=seed, world_seed=world_seed, wall_s=ledger.run_seconds(record.meta["metrics"]))
             per_seed.append(m)
             records.append(record)
             used.append(record)
@@ -1635,7 +1635,7 @@ def machine_text(record):
 def write_experiment(setup, experiment, section, runs, command, wall_s):
     keys = [spec.key for spec in specs_for(setup, [experiment])]
     smoke = runs.smoke_test(keys)
-    used = {r.name: {"key": k, "seed": r.meta["seed"], "budget": r.meta["budget"], "wall_s": r.meta["wall_s"],
+    used = {r.name: {"key": k, "seed": r.meta["seed"], "budget": r.meta["budget"], "wall_s": ledger.run_seconds(r.meta["metrics"]),
                      "commit": (r.meta["commit"] or {}).get("head"), "machine": machine_text(r)}
             for k, r in [(k, r) for k in keys for r in runs[k]] + section.records}
     claims = [c for name, rows in section.tables.items() for c in table_claims(rows, name.removesuffix(".csv"))]
@@ -1827,17 +1827,14 @@ def parse_args(argv=None):
 
 def estimated_seconds(setup, spec):
     """How long one run of spec takes: the median wall time of the ledger's records of the same key
-    and budget (any seed, any code: a record says how long its configuration took on its machine; a
-    resumed run's is the sum of its epochs),
+    and budget (any seed, any code: a record says how long its configuration took on its machine;
+    ledger.run_seconds),
     else a rough constant (ESTIMATED_SECONDS). Returns (seconds, where the estimate comes from)."""
     walls = []
     for path in sorted(setup.ledger.glob(f"{spec.key}-seed*-*.npz")):
         meta = ledger.read_record(path, arrays=False).meta
-        if meta["key"] == spec.key and meta["budget"] == setup.budget and meta.get("wall_s"):
-            epochs = meta["metrics"].get("epochs", [])
-            # A resumed run's wall time is its last process's; its epochs say what the whole run took.
-            walls.append(sum(e["train_s"] + e["eval_s"] for e in epochs) if meta["provenance"] == "resumed" and epochs
-                         else meta["wall_s"])
+        if meta["key"] == spec.key and meta["budget"] == setup.budget and ledger.run_seconds(meta["metrics"]):
+            walls.append(ledger.run_seconds(meta["metrics"]))
     if walls:
         return float(np.median(walls)), f"median of {len(walls)} record{'s' * (len(walls) > 1)}"
     return ESTIMATED_SECONDS[(spec.kind, setup.budget)], "rough constant"
@@ -1856,13 +1853,9 @@ def plan(setup, specs, code):
     return rows
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.list:
-        for e in EXPERIMENTS:
-            print(f"{e.name:20s} {e.title}: {e.what}")
-        return None
-    code = ledger.code_fingerprint()          # the model code this process runs, taken before any training
+def invocation(args):
+    """(Setup, experiments, run specs) of parsed arguments: what main builds and trains; --runs
+    gives just those configurations, in the order given, and no experiments."""
     setup = Setup(out=Path(args.out), budget=args.budget, seeds=args.seeds, ledger=Path(args.ledger),
                   from_ledger=args.from_ledger, data=args.data, data_dir=args.data_dir,
                   synthetic_dir=Path(args.synthetic_dir) if args.synthetic_dir else None,
@@ -1870,11 +1863,20 @@ def main(argv=None):
                   world_seed=args.world_seed, world_users=args.world_users, world_items=args.world_items,
                   edge_scale=args.edge_scale, edge_strengths=tuple(args.edge_strengths),
                   sr_rows=tuple(args.sr_rows or ()), sr_extra=tuple(shlex.split(args.sr_flags)))
+    if args.runs:
+        return setup, [], [setup.synthetic_spec(k) if k in SYNTHETIC_CONFIGS else setup.main_spec(k) for k in args.runs]
     experiments = [BY_NAME[n] for n in args.experiments]
-    specs = specs_for(setup, experiments)
-    if args.runs:        # just these configurations, in the order given, and no report
-        specs = [setup.synthetic_spec(k) if k in SYNTHETIC_CONFIGS else setup.main_spec(k) for k in args.runs]
-        experiments = []
+    return setup, experiments, specs_for(setup, experiments)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.list:
+        for e in EXPERIMENTS:
+            print(f"{e.name:20s} {e.title}: {e.what}")
+        return None
+    code = ledger.code_fingerprint()          # the model code this process runs, taken before any training
+    setup, experiments, specs = invocation(args)
     command = "python -m analysis.experiments " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     setup.command = command
     if args.plan:

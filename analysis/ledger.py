@@ -325,6 +325,14 @@ def file_sha(path):
 # Provenance: commit and machine
 # ------------------------------------------------------------------------------------------------
 
+def run_seconds(metrics):
+    """A run's time in seconds from its metrics.json: its wall time, or the sum of its epochs' training
+    and evaluation where larger, as for a run resumed from a checkpoint (its wall time is only its
+    last process's); None when neither is known."""
+    wall = metrics.get("wall_s") or 0.0
+    return max(wall, sum(e["train_s"] + e["eval_s"] for e in metrics.get("epochs", []))) or None
+
+
 def git_commit(root=ROOT):
     """{'head': full SHA, 'model_code_dirty': whether MODEL_CODE differs from it}, or None without git."""
     try:

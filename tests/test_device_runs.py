@@ -107,10 +107,9 @@ def test_take_refuses_what_is_not_a_records_archive(tmp_path):
         device_runs.take(odd, tmp_path)
 
 
-def test_a_cuda_call_without_cuda_says_what_to_do(capsys, tmp_path):
+def test_a_cuda_call_without_cuda_says_what_to_do(capsys, tmp_path, monkeypatch):
     import torch
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit):
         device_runs.parse_args([str(tmp_path)])
     assert "--device cpu" in capsys.readouterr().err

@@ -587,7 +587,8 @@ def test_plan_lists_runs_without_training(worlds, tmp_path):
 
 
 def test_plan_times_a_resumed_record_by_its_epochs_not_its_last_process(everything, tmp_path):
-    """A resumed run's wall_s is only its last process's; --plan's estimate sums its epochs instead."""
+    """A resumed run's wall_s is only its last process's; --plan's estimate (ledger.run_seconds) takes
+    the sum of its epochs where that is larger."""
     [path] = sorted((everything / "ledger").glob("synthetic-planrec-seed0-*.npz"))
     record = ledger.read_record(path)
     meta = json.loads(json.dumps(record.meta))
@@ -596,9 +597,11 @@ def test_plan_times_a_resumed_record_by_its_epochs_not_its_last_process(everythi
     (tmp_path / "ledger").mkdir()
     setup = ex.Setup(out=tmp_path, budget=meta["budget"], seeds=[0], data="synthetic", ledger=tmp_path / "ledger")
     spec = setup.main_spec("planrec")
-    for provenance, expected in (("trained", 1.5), ("resumed", 330.0)):
-        ledger.write_record(tmp_path / "ledger" / path.name, {**meta, "provenance": provenance, "wall_s": 1.5}, record.arrays)
+    for wall, expected in ((1.5, 330.0), (400.0, 400.0)):     # resumed (epochs longer than its process), whole
+        meta["metrics"]["wall_s"] = meta["wall_s"] = wall
+        ledger.write_record(tmp_path / "ledger" / path.name, meta, record.arrays)
         assert ex.estimated_seconds(setup, spec) == (expected, "median of 1 record")
+    assert ledger.run_seconds({"wall_s": None, "epochs": []}) is None
 
 
 def test_the_converged_budget_stops_on_patience_3_far_below_its_cap(tmp_path):
