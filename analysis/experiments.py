@@ -13,11 +13,11 @@ missing (or stale: trained by other model code) through train.py's own `main`, o
 configuration and seed under OUT/runs/ (a finished folder is recorded as it is, an interrupted one
 resumed with --resume); each run is recorded as soon as it finishes. The analyses read the records
 only, so a report is the same whether its runs were trained now or long ago elsewhere, and
---from-ledger rebuilds every report, table and figure without training (it stops, listing what is
-missing, when a record is). Each experiment then writes OUT/NAME.json (its numbers), a CSV per
-table, PNG figures, and rebuilds OUT/REPORT.md from every OUT/*.json there, in the paper's order: our
-numbers (mean and min-max over seeds) beside the paper's, with paired sign-flip permutation tests
-over users.
+--from-ledger rebuilds every report, table and figure without training (an experiment with a run
+missing is left out, and the command ends in an error listing the missing runs). Each experiment
+then writes OUT/NAME.json (its numbers), a CSV per table, PNG figures, and rebuilds OUT/REPORT.md
+from every OUT/*.json there, in the paper's order: our numbers (mean and min-max over seeds) beside
+the paper's, with paired sign-flip permutation tests over users.
 
 The quick budget is a smoke test of the pipeline: every table, JSON and report section made from it
 says so, and no finding rests on it.
@@ -1756,8 +1756,8 @@ def parse_args(argv=None):
                         "or ml-1m-planrec, synth-sr-main), each for every --seeds; print their test metrics, each "
                         "tested against the first (paired sign-flip test), and build no report; no NAME needed")
     p.add_argument("--from-ledger", action="store_true",
-                   help="never train: build every experiment from the ledger's current records, and stop listing "
-                        "the runs that have none")
+                   help="never train: build every experiment whose runs all have a current record in the ledger; "
+                        "leave out the others and end in an error listing the runs that have none")
     sr = p.add_argument_group("structure-recovery (drawn worlds, issue 20)")
     sr.add_argument("--world-seed", type=int, default=0, metavar="N",
                     help="world seed of the first training seed; training seed k of --seeds gets world N + k "
@@ -1898,10 +1898,11 @@ def main(argv=None):
                 records.setdefault(spec.key, []).append(record)
                 missing += [why] if why else []
                 bar.update()
-    if missing:
-        sys.exit(f"error: --from-ledger: {len(missing)} of {len(specs) * len(setup.seeds)} runs have no current record "
-                 f"in {setup.ledger} ({budget_text(setup.budget)}, model code {code['hash']}):\n  "
-                 + "\n  ".join(missing) + "\nrun without --from-ledger to train them (--plan says how long)")
+    missing_text = (f"{len(missing)} of {len(specs) * len(setup.seeds)} runs have no current record in {setup.ledger} "
+                    f"({budget_text(setup.budget)}, model code {code['hash']}):\n  " + "\n  ".join(missing)
+                    + "\nrun without --from-ledger to train them (--plan says how long)")
+    if missing and args.runs:
+        sys.exit("error: --from-ledger: " + missing_text)
     if args.runs:       # each configuration's test metrics, and each tested against the first
         first, *others = records
         rows = table(setup, Runs(setup, records), [Row(first, first)] + [Row(k, k, compare=first) for k in others])
@@ -1909,14 +1910,20 @@ def main(argv=None):
         for key, found in records.items():
             print(f"{key}: " + ", ".join(r.name for r in found))
         return records
-    runs = Runs(setup, records)
-    for experiment in experiments:
+    # Under --from-ledger an experiment with a run missing is left out; the others are still built.
+    incomplete = {key for key, found in records.items() if None in found}
+    runs = Runs(setup, {key: found for key, found in records.items() if key not in incomplete})
+    left_out = [e.name for e in experiments if {s.key for s in specs_for(setup, [e])} & incomplete]
+    for experiment in (e for e in experiments if e.name not in left_out):
         started = time.time()
         section = experiment.build(setup, runs)
         write_experiment(setup, experiment, section, runs, command, time.time() - started)
         print(f"wrote {setup.out / (experiment.name + '.json')}")
     write_report(setup, command)
     print(f"wrote {setup.out / 'REPORT.md'}")
+    if left_out:
+        sys.exit(f"error: --from-ledger: not built: {', '.join(left_out)} (built: "
+                 f"{', '.join(e.name for e in experiments if e.name not in left_out) or 'nothing'}); " + missing_text)
     return runs
 
 

@@ -442,10 +442,30 @@ def test_from_ledger_stops_listing_what_is_missing(everything, worlds, tmp_path,
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"--from-ledger trained {argv}"))
     argv = experiment_argv(worlds, tmp_path / "more", "table2", "--from-ledger", ledger=everything / "ledger")
     seeds = argv.index("--seeds")
-    with pytest.raises(SystemExit, match=r"2 of 4 runs have no current record.*\n  synthetic-planrec seed 7: no record"):
+    with pytest.raises(SystemExit, match=r"not built: table2 \(built: nothing\); 2 of 4 runs have no current record"
+                                         r".*\n  synthetic-planrec seed 7: no record"):
         ex.main(argv[:seeds + 1] + ["0", "7"] + argv[seeds + 3:])
     rows = ex.main(argv[:seeds + 1] + ["0", "7"] + argv[seeds + 3:] + ["--plan"])
     assert sorted(state for _, state, *_ in rows) == ["ledger", "ledger", "missing", "missing"]
+
+
+def test_from_ledger_builds_what_it_can_and_says_what_it_left_out(everything, worlds, tmp_path, monkeypatch):
+    """With VAE's seed-1 record gone, figure3 (PlanRec only) is built as before; table2 is left out."""
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"--from-ledger trained {argv}"))
+    partial = tmp_path / "ledger"
+    shutil.copytree(everything / "ledger", partial)
+    [gone] = partial.glob("synthetic-vae-seed1-*.npz")
+    gone.unlink()
+    out = tmp_path / "partial"
+    with pytest.raises(SystemExit, match=r"not built: table2 \(built: figure3\); 1 of 4 runs have no current record"
+                                         r".*\n  synthetic-vae seed 1: no record"):
+        ex.main(experiment_argv(worlds, out, "table2", "figure3", "--from-ledger", ledger=partial))
+    assert not (out / "table2.json").exists()
+    built, again = read(everything, "figure3"), read(out, "figure3")
+    for numbers in (built, again):
+        del numbers["command"], numbers["wall_s_build"], numbers["ledger"]
+    assert again == built
+    assert "Figure 3" in (out / "REPORT.md").read_text() and "Table 2" not in (out / "REPORT.md").read_text()
 
 
 def test_plan_times_a_new_run_by_the_records_of_its_configuration(everything, worlds, tmp_path):
