@@ -1,0 +1,98 @@
+"""The results documents are what the ledger says (issue 19, item 4): the reports in docs/experiments
+are rebuilt from ledger/ alone, and the claims table of docs/EXPERIMENTS.md is theirs, not a copy
+that can drift."""
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+from analysis import experiments as ex
+from datasets import ml1m
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "experiments"
+SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m"
+# The ML-1M reports EXPERIMENTS.md quotes, in the order of its claims table.
+ML1M_REPORTS = ("table2", "table7", "figure3")
+# Build details, not results: they change with the commit, the machine and the output folder.
+BUILD_KEYS = ("command", "wall_s_build", "commit", "ledger")
+
+
+def report(name, folder=DOCS):
+    numbers = json.loads((folder / f"{name}.json").read_text())
+    return {k: v for k, v in numbers.items() if k not in BUILD_KEYS}
+
+
+def test_every_report_in_the_docs_is_full_budget_three_seeds():
+    names = sorted(p.stem for p in DOCS.glob("*.json"))
+    assert set(ML1M_REPORTS) <= set(names)
+    for name in names:
+        numbers = report(name)
+        assert (numbers["budget"], numbers["seeds"], numbers["smoke_test"]) == ("full", [0, 1, 2], False), name
+
+
+def claims_table(markdown):
+    """The rows of EXPERIMENTS.md's "The paper's claims judged so far" as lists of cells."""
+    section = markdown.split("## The paper's claims judged so far", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[1:]]   # without the header
+
+
+def close(a, b):
+    """Equal, floats to 1e-9: a rebuild on another CPU may sum in another order (SIMD)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def csv_cells(path):
+    def cell(text):
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    with open(path, newline="") as f:
+        return [[cell(c) for c in row] for row in csv.reader(f)]
+
+
+def first_number(text):
+    return re.search(r"[-+]?\d+\.\d+", text).group()
+
+
+def test_the_claims_table_of_experiments_md_is_the_reports():
+    claims = [c for name in ML1M_REPORTS for c in report(name)["claims"]]
+    rows = claims_table((ROOT / "docs" / "EXPERIMENTS.md").read_text())
+    assert len(rows) == len(claims)
+    for (table, claim, paper, ours, p, verdict), c in zip(rows, claims):
+        assert table.lower().replace(" ", "") == c["table"], (table, c)
+        ours_text = c.get("ours_text") or f"{c['ours_delta']:+.4f}"
+        assert first_number(ours) == first_number(ours_text), (claim, ours, ours_text)
+        if "paper_delta" in c:
+            assert first_number(paper) == f"{c['paper_delta']:+.4f}", (claim, paper)
+            assert claim.startswith(f"{c['row']} > {c['vs']}"), claim
+        assert p == ex.fmt_p(c["p"]), (claim, p)
+        assert verdict == c["verdict"], claim
+
+
+@pytest.mark.skipif(not ml1m.contains_ml1m(SHARED_ML1M), reason=f"no ML-1M copy at {SHARED_ML1M}")
+def test_the_reports_in_the_docs_are_rebuilt_from_the_ledger(tmp_path, monkeypatch):
+    """What docs/EXPERIMENTS.md prints is what `--from-ledger` rebuilds today from ledger/: same
+    numbers, same CSVs (ML-1M, the shared copy; about 20 s)."""
+    monkeypatch.setenv("PLANREC_DATA", str(SHARED_ML1M.parent))
+    monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "rebuilt"
+    ex.main([*ML1M_REPORTS, "--budget", "full", "--seeds", "0", "1", "2", "--from-ledger", "--out", str(out),
+             "--ledger", str(ROOT / "ledger")])
+    for name in ML1M_REPORTS:
+        again, committed = report(name, out), report(name)
+        assert close(again, committed), name
+        for table in committed["tables"]:
+            assert close(csv_cells(out / table), csv_cells(DOCS / table)), table
