@@ -1826,18 +1826,34 @@ def parse_args(argv=None):
 
 
 def estimated_seconds(setup, spec):
-    """How long one run of spec takes: the median wall time of the ledger's records of the same key
-    and budget (any seed, any code: a record says how long its configuration took on its machine;
-    ledger.run_seconds),
+    """How long one run of spec takes: the median time (ledger.run_seconds) of the ledger's records
+    of the same key and budget, any seed, any code (a record says how long its configuration took on
+    its machine); else that of the nearest recorded configuration: same kind, budget and --data, the
+    fewest train.py arguments and Config fields differing (nm2 is timed by planrec, not by the VAE);
     else a rough constant (ESTIMATED_SECONDS). Returns (seconds, where the estimate comes from)."""
-    walls = []
-    for path in sorted(setup.ledger.glob(f"{spec.key}-seed*-*.npz")):
+    seed = setup.seeds[0]
+    if spec.data_dir and not Path(spec.data_dir).exists():     # no world yet: no Config to compare
+        wanted = {"args": ledger.plain(vars(train.parse_args(setup.train_argv(spec, seed)))), "config": {}}
+    else:
+        wanted = run_identity(setup, spec, seed)
+    by_distance = {}
+    for path in sorted(setup.ledger.glob("*.npz")):
         meta = ledger.read_record(path, arrays=False).meta
-        if meta["key"] == spec.key and meta["budget"] == setup.budget and ledger.run_seconds(meta["metrics"]):
-            walls.append(ledger.run_seconds(meta["metrics"]))
-    if walls:
-        return float(np.median(walls)), f"median of {len(walls)} record{'s' * (len(walls) > 1)}"
-    return ESTIMATED_SECONDS[(spec.kind, setup.budget)], "rough constant"
+        seconds, stored = ledger.run_seconds(meta["metrics"]), meta["identity"]
+        if (meta["budget"] != setup.budget or meta.get("kind") != spec.kind or stored["args"]["data"] != spec.data
+                or not seconds):
+            continue
+        differ = [k for part in ("args", "config") if wanted[part] for k in stored[part]
+                  if k != "seed" and stored[part][k] != wanted[part].get(k)]
+        by_distance.setdefault(0 if meta["key"] == spec.key else 1 + len(differ), []).append((seconds, meta["key"]))
+    if not by_distance:
+        return ESTIMATED_SECONDS[(spec.kind, setup.budget)], "rough constant"
+    distance = min(by_distance)
+    seconds, keys = zip(*by_distance[distance])
+    source = f"median of {len(seconds)} record{'s' * (len(seconds) > 1)}"
+    if distance:
+        source += f" of {', '.join(sorted(set(keys)))}, the nearest configuration ({distance - 1} values differ)"
+    return float(np.median(seconds)), source
 
 
 def plan(setup, specs, code):

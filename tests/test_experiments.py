@@ -481,6 +481,29 @@ def test_plan_times_a_new_run_by_the_records_of_its_configuration(everything, wo
         assert source == "median of 2 records" and seconds == pytest.approx(np.median(walls[key]))
 
 
+def test_plan_times_a_configuration_without_records_by_the_nearest_one(everything, worlds, tmp_path):
+    """nm2 and nm4 have no records here: they are PlanRec with another N_m, so PlanRec's records time
+    them, not the VAE's; with no record of the same data at all, the rough constant."""
+    partial = tmp_path / "ledger"
+    partial.mkdir()
+    for key in ("synthetic-planrec", "synthetic-vae"):
+        for path in (everything / "ledger").glob(f"{key}-seed*.npz"):
+            shutil.copy(path, partial)
+    rows = ex.main(experiment_argv(worlds, tmp_path / "planned", "table3", "--plan", ledger=partial))
+    planrec = np.median([ledger.run_seconds(ledger.read_record(p, arrays=False).meta["metrics"])
+                         for p in partial.glob("synthetic-planrec-seed*")])
+    nm = [(seconds, source) for where, state, seconds, source in rows if "-nm" in where]
+    assert len(nm) == 4 and all(state == "new" for where, state, *_ in rows if "-nm" in where)
+    for seconds, source in nm:
+        assert seconds == pytest.approx(planrec)
+        assert source.startswith("median of 2 records of synthetic-planrec, the nearest configuration"), source
+    for path in partial.glob("*.npz"):
+        path.unlink()
+    rows = ex.main(experiment_argv(worlds, tmp_path / "planned", "table3", "--plan", ledger=partial))
+    assert {(seconds, source) for _, _, seconds, source in rows} == {     # --data synthetic: the main runs' kind
+        (ex.ESTIMATED_SECONDS[("main", "quick")], "rough constant")}
+
+
 def test_a_record_of_other_model_code_is_not_reused(everything, worlds, tmp_path, monkeypatch):
     [path] = (everything / "ledger").glob("synthetic-vae-seed0-*.npz")
     record = ledger.read_record(path)
