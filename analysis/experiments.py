@@ -330,6 +330,11 @@ def check_finished_run(setup, spec, seed, folder):
     return stored
 
 
+def world_missing(spec):
+    """A synthetic run whose world is not generated yet (no data to build its identity from)."""
+    return bool(spec.data_dir) and not Path(spec.data_dir).exists()
+
+
 def run_state(setup, spec, seed, code):
     """What this invocation does with one run: (state, Record or None, what to say). States:
     ledger      a current record (for a --reuse-run key: of the same model, any budget, unless its
@@ -341,7 +346,7 @@ def run_state(setup, spec, seed, code):
     UNFINISHED  a --reuse-run folder without metrics.json: stops the invocation"""
     folder = setup.folder(spec, seed)
     reused = spec.key in setup.reuse
-    if spec.data_dir and not Path(spec.data_dir).exists():
+    if world_missing(spec):
         return "new", None, f"{folder} (its world {spec.data_dir} is not generated yet)"
     wanted = run_identity(setup, spec, seed)
     state, record = ledger.lookup(setup.ledger, spec.key, seed,
@@ -1825,20 +1830,20 @@ def parse_args(argv=None):
     return args
 
 
-def estimated_seconds(setup, spec):
+def estimated_seconds(setup, spec, metas):
     """How long one run of spec takes: the median time (ledger.run_seconds) of the ledger's records
     of the same key and budget, any seed, any code (a record says how long its configuration took on
     its machine); else that of the nearest recorded configuration: same kind, budget and --data, the
     fewest train.py arguments and Config fields differing (nm2 is timed by planrec, not by the VAE);
-    else a rough constant (ESTIMATED_SECONDS). Returns (seconds, where the estimate comes from)."""
+    else a rough constant (ESTIMATED_SECONDS). metas: the ledger's records' meta (ledger_metas).
+    Returns (seconds, where the estimate comes from)."""
     seed = setup.seeds[0]
-    if spec.data_dir and not Path(spec.data_dir).exists():     # no world yet: no Config to compare
+    if world_missing(spec):     # no Config to compare
         wanted = {"args": ledger.plain(vars(train.parse_args(setup.train_argv(spec, seed)))), "config": {}}
     else:
         wanted = run_identity(setup, spec, seed)
     by_distance = {}
-    for path in sorted(setup.ledger.glob("*.npz")):
-        meta = ledger.read_record(path, arrays=False).meta
+    for meta in metas:
         seconds, stored = ledger.run_seconds(meta["metrics"]), meta["identity"]
         if (meta["budget"] != setup.budget or meta.get("kind") != spec.kind or stored["args"]["data"] != spec.data
                 or not seconds):
@@ -1856,16 +1861,20 @@ def estimated_seconds(setup, spec):
     return float(np.median(seconds)), source
 
 
+def ledger_metas(setup):
+    """The meta of every record in the ledger, read once for all of --plan's estimates."""
+    return [ledger.read_record(path, arrays=False).meta for path in sorted(setup.ledger.glob("*.npz"))]
+
+
 def plan(setup, specs, code):
     """[(record or folder, state, estimated seconds, where the estimate comes from)] of every run
     (run_state's states)."""
-    rows = []
+    rows, metas = [], ledger_metas(setup)
     for spec in specs:
-        estimate = estimated_seconds(setup, spec)
-        for seed in setup.seeds:
-            state, _, where = run_state(setup, spec, seed, code)
-            train_s, source = estimate if state in ("new", "resume", "stale") else (0, "")
-            rows.append((where, state, train_s, source))
+        states = [run_state(setup, spec, seed, code) for seed in setup.seeds]
+        to_train = [state in ("new", "resume", "stale") for state, _, _ in states]
+        estimate = estimated_seconds(setup, spec, metas) if any(to_train) else None
+        rows += [(where, state, *(estimate if train else (0, ""))) for (state, _, where), train in zip(states, to_train)]
     return rows
 
 

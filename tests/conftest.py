@@ -7,9 +7,12 @@ default.
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from datasets import ml1m
 
 TEST_THREADS = int(os.environ["PLANREC_TEST_THREADS"]) if os.environ.get("PLANREC_TEST_THREADS") else None
 
@@ -26,3 +29,16 @@ def few_threads():
     torch.set_num_threads(TEST_THREADS or 1)
     yield
     torch.set_num_threads(threads)
+
+
+# The shared MovieLens-1M beside the checkout (../shared/data/ml-1m; CI has it too). Tests never
+# download: the few that read the real data skip where no copy is there.
+SHARED_ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
+
+
+@pytest.fixture
+def shared_ml1m():
+    """The folder of the shared ML-1M copy, or skip the test where there is none."""
+    if not ml1m.contains_ml1m(SHARED_ML1M):
+        pytest.skip(f"no ML-1M copy at {SHARED_ML1M}")
+    return SHARED_ML1M

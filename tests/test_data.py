@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import data
 from datasets import amazon_book, common, interactions, ml1m, synthetic
 
-SHARED_ML1M = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-1m"
 CANONICAL_COUNTS = "ignore:.*canonical MovieLens-1M has"  # small ML-1M-format files never have them
 FAST = settings(max_examples=40, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -798,12 +797,11 @@ def test_load_dataset(tmp_path):
 
 # --- the real data ----------------------------------------------------------------------------
 
-@pytest.mark.skipif(not ml1m.contains_ml1m(SHARED_ML1M), reason=f"no ML-1M copy at {SHARED_ML1M}")
-def test_real_ml1m_canonical_counts(tmp_path, monkeypatch):
+def test_real_ml1m_canonical_counts(shared_ml1m, tmp_path, monkeypatch):
     monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the canonical copy must not trigger the count warning
-        d = data.load_dataset("ml-1m", root=SHARED_ML1M, download=False)
+        d = data.load_dataset("ml-1m", root=shared_ml1m, download=False)
     assert (len(d.item_seq), d.n_users, d.n_items) == (1_000_209, 6_040, 3_706)
     assert len(d.train_pos) == 1_000_209 - 3 * 6_040
     assert d.valid_candidates.shape == d.test_candidates.shape == (6_040, 101)
@@ -814,12 +812,11 @@ def test_real_ml1m_canonical_counts(tmp_path, monkeypatch):
     assert set(np.unique(d.user_attrs["age"])) == set(range(7))
 
 
-@pytest.mark.skipif(not ml1m.contains_ml1m(SHARED_ML1M), reason=f"no ML-1M copy at {SHARED_ML1M}")
-def test_real_ml1m_sequence_batches(tmp_path, monkeypatch):
+def test_real_ml1m_sequence_batches(shared_ml1m, tmp_path, monkeypatch):
     """train.py's default epoch: 982,089 positions in 480 batches of 2,048 rows, each position once
     with its own history, about 17 chunks and 2,700 items per batch (context 148, chunks of 256)."""
     monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
-    d = load_quiet(SHARED_ML1M)
+    d = load_quiet(shared_ml1m)
     batches = list(d.train_sequences(2048, 1, np.random.default_rng(0), 148))
     assert len(batches) == 480
     check_sequence_epoch(d, batches, 2048, 1, 148, data.CHUNK_POSITIONS)

@@ -8,14 +8,10 @@ import math
 import re
 from pathlib import Path
 
-import pytest
-
 from analysis import experiments as ex
-from datasets import ml1m
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "experiments"
-SHARED_ML1M = ROOT.parent / "shared" / "data" / "ml-1m"
 # The ML-1M reports EXPERIMENTS.md quotes, in the order of its claims table.
 ML1M_REPORTS = ("table2", "table7", "figure3")
 # Build details, not results: they change with the commit, the machine and the output folder.
@@ -82,11 +78,10 @@ def test_the_claims_table_of_experiments_md_is_the_reports():
         assert verdict == c["verdict"], claim
 
 
-@pytest.mark.skipif(not ml1m.contains_ml1m(SHARED_ML1M), reason=f"no ML-1M copy at {SHARED_ML1M}")
-def test_the_reports_in_the_docs_are_rebuilt_from_the_ledger(tmp_path, monkeypatch):
+def test_the_reports_in_the_docs_are_rebuilt_from_the_ledger(shared_ml1m, tmp_path, monkeypatch):
     """What docs/EXPERIMENTS.md prints is what `--from-ledger` rebuilds today from ledger/: same
     numbers, same CSVs (ML-1M, the shared copy; about 20 s)."""
-    monkeypatch.setenv("PLANREC_DATA", str(SHARED_ML1M.parent))
+    monkeypatch.setenv("PLANREC_DATA", str(shared_ml1m.parent))
     monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "rebuilt"
     ex.main([*ML1M_REPORTS, "--budget", "full", "--seeds", "0", "1", "2", "--from-ledger", "--out", str(out),

@@ -643,7 +643,7 @@ def test_plan_times_a_resumed_record_by_its_epochs_not_its_last_process(everythi
     for wall, expected in ((1.5, 330.0), (400.0, 400.0)):     # resumed (epochs longer than its process), whole
         meta["metrics"]["wall_s"] = meta["wall_s"] = wall
         ledger.write_record(tmp_path / "ledger" / path.name, meta, record.arrays)
-        assert ex.estimated_seconds(setup, spec) == (expected, "median of 1 record")
+        assert ex.estimated_seconds(setup, spec, ex.ledger_metas(setup)) == (expected, "median of 1 record")
     assert ledger.run_seconds({"wall_s": None, "epochs": []}) is None
 
 
