@@ -330,11 +330,6 @@ def check_finished_run(setup, spec, seed, folder):
     return stored
 
 
-def world_missing(spec):
-    """A synthetic run whose world is not generated yet (no data to build its identity from)."""
-    return bool(spec.data_dir) and not Path(spec.data_dir).exists()
-
-
 def run_state(setup, spec, seed, code):
     """What this invocation does with one run: (state, Record or None, what to say). States:
     ledger      a current record (for a --reuse-run key: of the same model, any budget, unless its
@@ -346,8 +341,6 @@ def run_state(setup, spec, seed, code):
     UNFINISHED  a --reuse-run folder without metrics.json: stops the invocation"""
     folder = setup.folder(spec, seed)
     reused = spec.key in setup.reuse
-    if world_missing(spec):
-        return "new", None, f"{folder} (its world {spec.data_dir} is not generated yet)"
     wanted = run_identity(setup, spec, seed)
     state, record = ledger.lookup(setup.ledger, spec.key, seed,
                                   (lambda i: same_model(i, wanted)) if reused else (lambda i: ledger.same_identity(i, wanted)),
@@ -1837,11 +1830,7 @@ def estimated_seconds(setup, spec, metas):
     fewest train.py arguments and Config fields differing (nm2 is timed by planrec, not by the VAE);
     else a rough constant (ESTIMATED_SECONDS). metas: the ledger's records' meta (ledger_metas).
     Returns (seconds, where the estimate comes from)."""
-    seed = setup.seeds[0]
-    if world_missing(spec):     # no Config to compare
-        wanted = {"args": ledger.plain(vars(train.parse_args(setup.train_argv(spec, seed)))), "config": {}}
-    else:
-        wanted = run_identity(setup, spec, seed)
+    wanted = run_identity(setup, spec, setup.seeds[0])
     by_distance = {}
     for meta in metas:
         seconds, stored = ledger.run_seconds(meta["metrics"]), meta["identity"]
@@ -1904,6 +1893,10 @@ def main(argv=None):
     setup, experiments, specs = invocation(args)
     command = "python -m analysis.experiments " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     setup.command = command
+    # The synthetic worlds first (seconds each), --plan too: a run's identity, by which its record
+    # is found, includes its data. Without synthetic runs --plan writes nothing.
+    for world in sorted({SYNTHETIC_CONFIGS[s.key][0] for s in specs if s.key in SYNTHETIC_CONFIGS}):
+        ensure_world(setup, world)
     if args.plan:
         rows = plan(setup, specs, code)
         for where, state, seconds, source in rows:
@@ -1912,8 +1905,6 @@ def main(argv=None):
               f"min on 2 CPU cores ({budget_text(setup.budget)}); ledger {setup.ledger}, model code {code['hash']}")
         return rows
     setup.out.mkdir(parents=True, exist_ok=True)
-    for world in sorted({SYNTHETIC_CONFIGS[s.key][0] for s in specs if s.key in SYNTHETIC_CONFIGS}):
-        ensure_world(setup, world)
     records, missing = {}, []
     with tqdm(total=len(specs) * len(setup.seeds), desc="runs", unit="run", dynamic_ncols=True) as bar:
         for spec in specs:
