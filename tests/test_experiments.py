@@ -756,6 +756,9 @@ def test_a_record_of_a_commit_whose_planrec_computes_the_same_is_reused(everythi
     assert line.endswith("current (planrec.py differs, computes the same)")
 
 
+REPO_LEDGER = Path(__file__).resolve().parents[1] / "ledger"      # read only: every other test has its own
+
+
 def test_plan_finds_the_records_of_synthetic_runs_whose_world_is_not_generated_yet(tmp_path, monkeypatch):
     """A fresh --out has no worlds; --plan generates them (seconds), as a real run would, so that it
     finds the repository ledger's 18 records of the three-edge structure recovery instead of
@@ -763,5 +766,5 @@ def test_plan_finds_the_records_of_synthetic_runs_whose_world_is_not_generated_y
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"--plan trained {argv}"))
     monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
     rows = ex.main(["structure-recovery-v1", "--budget", "full", "--seeds", "0", "1", "2", "--plan",
-                    "--out", str(tmp_path / "fresh"), "--ledger", str(Path(__file__).resolve().parents[1] / "ledger")])
+                    "--out", str(tmp_path / "fresh"), "--ledger", str(REPO_LEDGER)])
     assert len(rows) == 18 and all(state == "ledger" and seconds == 0 for _, state, seconds, _ in rows)
