@@ -72,7 +72,7 @@ def test_the_claims_table_of_experiments_md_is_the_reports():
     claims = [c for name in ML1M_REPORTS for c in report(name)["claims"]]
     rows = claims_table((ROOT / "docs" / "EXPERIMENTS.md").read_text())
     assert len(rows) == len(claims)
-    for (table, claim, paper, ours, p, verdict), c in zip(rows, claims):
+    for (table, claim, paper, ours, p, p_seeds, verdict), c in zip(rows, claims):
         assert table.lower().replace(" ", "") == c["table"], (table, c)
         ours_text = c.get("ours_text") or f"{c['ours_delta']:+.4f}"
         assert first_number(ours) == first_number(ours_text), (claim, ours, ours_text)
@@ -80,6 +80,7 @@ def test_the_claims_table_of_experiments_md_is_the_reports():
             assert first_number(paper) == f"{c['paper_delta']:+.4f}", (claim, paper)
             assert claim.startswith(f"{c['row']} > {c['vs']}"), claim
         assert p == ex.fmt_p(c["p"]), (claim, p)
+        assert p_seeds == ex.fmt_p(c.get("p_seeds")), (claim, p_seeds)
         assert verdict == c["verdict"], claim
 
 

@@ -607,6 +607,21 @@ def test_claim_verdicts():
     assert ex.claim_verdict(0.05, 0.01, 1e-4, smoke=True) == "not judged (smoke test)"
 
 
+def test_a_claim_carries_a_welch_test_over_seeds_beside_the_test_over_users():
+    def row(label, per_seed, compare=()):
+        return {"label": label, "paper": {"ndcg@10": 0.3 + 0.1 * bool(compare)}, "compared_with": list(compare),
+                "metrics": {"ndcg@10": {"mean": float(np.mean(per_seed)), "per_seed": per_seed}},
+                "p_values": {o: {"ndcg@10": 1e-4} for o in compare}, "smoke_test": False,
+                "seeds": list(range(len(per_seed))), "budget": "full"}
+    base, better = [0.50, 0.52, 0.51], [0.55, 0.49, 0.60]
+    [claim] = ex.table_claims([row("Base", base), row("+X", better, ["Base"])], "tableN")
+    assert claim["p_seeds"] == pytest.approx(stats.ttest_ind(better, base, equal_var=False).pvalue)
+    assert claim["verdict"] == "holds"                    # the verdict is the per-user test's alone
+    assert f"| 1.0e-04 | {ex.fmt_p(claim['p_seeds'])} | holds |" in ex.claims_markdown([claim])
+    [one_seed] = ex.table_claims([row("Base", [0.5]), row("+X", [0.6], ["Base"])], "tableN")
+    assert one_seed["p_seeds"] is None and "| 1.0e-04 | — | holds |" in ex.claims_markdown([one_seed])
+
+
 def test_every_table_states_the_papers_claims(everything):
     table2 = read(everything, "table2")
     [claim] = table2["claims"]              # PlanRec vs VAE base; the paper has no popularity row
