@@ -650,7 +650,9 @@ def table_claims(rows, table_name):
     where the paper has both rows, with the paper's difference of NDCG@10, ours, our p and the verdict.
     p_seeds, beside it, is Welch's two-sided t-test of the two rows' per-seed test NDCG@10 (None
     under 2 seeds a row): the per-user p averages each user over the seeds, so it does not see how far
-    a retrained model moves; p_seeds does, with little power at 3 seeds. The verdict uses p alone."""
+    a retrained model moves; p_seeds does, with little power at 3 seeds. The verdict uses p alone.
+    Welch (unpaired, unequal variances) is our choice: it assumes nothing of how seed k of one row
+    relates to seed k of the other."""
     by_label = {r["label"]: r for r in rows}
     claims = []
     for r in rows:
