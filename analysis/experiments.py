@@ -1775,9 +1775,11 @@ def write_report(setup, command):
                    + ", ".join(f"{n} {v}" for v, n in counts.items())
                    + f" (holds: our difference of NDCG@10 has the paper's sign at p < {CLAIM_ALPHA}, paired sign-flip "
                    "test over users, or for a figure's claim our correlation or t-statistic has it, at the p of its "
-                   "own test; within noise: p >= that; one test per claim, uncorrected). p (seeds): Welch's "
-                   "two-sided t-test of the two rows' per-seed NDCG@10, which sees how far a retrained model "
-                   "moves and the per-user test does not; it is shown, not used in the verdict.\n\n"
+                   "own test; a claim between two gains (Tables 4, 5) compares per-user gains, by Welch's test over "
+                   "users where the two sides are other users; within noise: p >= that; one test per claim, "
+                   "uncorrected). p (seeds): Welch's two-sided t-test of the two rows' per-seed NDCG@10 (for a "
+                   "gain, Welch's test of the contrast of the rows' per-seed NDCG@10), which sees how far a "
+                   "retrained model moves and the per-user test does not; it is shown, not used in the verdict.\n\n"
                    + claims_markdown(claims) + "\n")
     (setup.out / "REPORT.md").write_text(header + "\n" + "\n".join(sections))
 
