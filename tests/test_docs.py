@@ -78,7 +78,8 @@ def test_the_claims_table_of_experiments_md_is_the_reports():
         assert first_number(ours) == first_number(ours_text), (claim, ours, ours_text)
         if "paper_delta" in c:
             assert first_number(paper) == f"{c['paper_delta']:+.4f}", (claim, paper)
-            assert claim.startswith(f"{c['row']} > {c['vs']}"), claim
+        if "row" in c:          # a comparison of two rows: "row > vs" in the paper's direction
+            assert claim.startswith(f"{c['row']} {'>' if c['paper_delta'] > 0 else '<'} {c['vs']}"), claim
         assert p == ex.fmt_p(c["p"]), (claim, p)
         assert p_seeds == ex.fmt_p(c.get("p_seeds")), (claim, p_seeds)
         assert verdict == c["verdict"], claim
