@@ -2008,10 +2008,16 @@ def main(argv=None):
                     + "\nrun without --from-ledger to train them (--plan says how long)")
     if missing and args.runs:
         sys.exit("error: --from-ledger: " + missing_text)
-    if args.runs:       # each configuration's test metrics, and each tested against the first
-        first, *others = records
-        rows = table(setup, Runs(setup, records), [Row(first, first)] + [Row(k, k, compare=first) for k in others])
-        print(markdown_table(f"--runs, seeds {setup.seeds}, from {setup.ledger}", rows))
+    if args.runs:       # each configuration's test metrics, each tested against the first that scores its users
+        runs, groups = Runs(setup, records), []       # [(user ids, keys)]: a paired test needs the same users
+        for key in records:
+            users = runs.per_user(key)[0][0]
+            group = next((keys for ids, keys in groups if np.array_equal(ids, users)), None)
+            group.append(key) if group is not None else groups.append((users, [key]))
+        for users, (first, *others) in groups:
+            rows = table(setup, runs, [Row(first, first)] + [Row(k, k, compare=first) for k in others])
+            scope = f", the {len(users)} users of {first}" if len(groups) > 1 else ""
+            print(markdown_table(f"--runs, seeds {setup.seeds}, from {setup.ledger}{scope}", rows))
         for key, found in records.items():
             print(f"{key}: " + ", ".join(r.name for r in found))
         return records

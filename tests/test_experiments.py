@@ -592,6 +592,24 @@ def test_runs_finds_or_trains_only_the_named_configurations_and_writes_no_report
     assert ex.fmt_p(table2["PlanRec"]["p_values"]["VAE base"]["ndcg@10"]) in planrec_row
 
 
+def test_runs_of_other_users_get_a_table_each_instead_of_an_error(everything, worlds, tmp_path, monkeypatch, capsys):
+    """Table 4 (b)'s IID and OOD halves score other users: no paired test between them."""
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"a recorded run was trained: {argv}"))
+    records = ex.main(experiment_argv(worlds, tmp_path / "out", "--runs", "vae-iid-halves", "planrec-iid-halves",
+                                      "vae-ood-halves", ledger=everything / "ledger"))
+    assert list(records) == ["synthetic-vae-iid-halves", "synthetic-planrec-iid-halves", "synthetic-vae-ood-halves"]
+    printed = capsys.readouterr().out
+    table4 = read(everything, "table4")
+    titles = [line for line in printed.splitlines() if "--runs, seeds" in line]
+    assert [t.split(" users of ")[1].split("**")[0] for t in titles] == ["synthetic-vae-iid-halves",
+                                                                          "synthetic-vae-ood-halves"]
+    assert f"the {table4['n_iid']} users of" in titles[0] and f"the {table4['n_ood']} users of" in titles[1]
+    planrec_row = next(line for line in printed.splitlines() if line.startswith("| synthetic-planrec-iid-halves ("))
+    assert "| synthetic-vae-iid-halves |" in planrec_row
+    ood_row = next(line for line in printed.splitlines() if line.startswith("| synthetic-vae-ood-halves ("))
+    assert "| synthetic-vae-iid-halves |" not in ood_row
+
+
 def test_runs_rejects_an_unknown_configuration(capsys):
     with pytest.raises(SystemExit):
         ex.parse_args(["--runs", "planrec", "nonsense", "--out", "x"])
