@@ -429,7 +429,7 @@ class Runs:
     """The ledger records of one invocation: run key -> [Record per seed, in the order of --seeds]."""
 
     def __init__(self, setup, records):
-        self.setup, self.records = setup, records
+        self.setup, self.records, self._per_user = setup, records, {}
 
     def __getitem__(self, key):
         if key not in self.records:
@@ -437,8 +437,11 @@ class Runs:
         return self.records[key]
 
     def per_user(self, key):
-        """[(user_ids, data.per_user_metrics of the test scores)] per seed."""
-        return [(r.arrays["user_ids"], r.per_user_metrics()) for r in self[key]]
+        """[(user_ids, data.per_user_metrics of the test scores)] per seed, computed once per key
+        (tables, claims and the grouping of --runs all read them)."""
+        if key not in self._per_user:
+            self._per_user[key] = [(r.arrays["user_ids"], r.per_user_metrics()) for r in self[key]]
+        return self._per_user[key]
 
     def uncertainty(self, key):
         """[per-user test uncertainty [U]] per seed."""
@@ -517,19 +520,16 @@ def correlation(x, y, rank=False):
 
 
 def welch_t_test(x, y):
-    """Welch's two-sided t-test (unequal variances): (t, df, p); nan with fewer than 2 values in a
-    group or no variance in either."""
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if len(x) < 2 or len(y) < 2 or x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y) == 0:
-        return float("nan"), float("nan"), float("nan")
-    result = stats.ttest_ind(x, y, equal_var=False)
-    return float(result.statistic), float(result.df), float(result.pvalue)
+    """Welch's two-sided t-test (unequal variances) of mean(x) = mean(y): (t, df, p); nan with fewer
+    than 2 values in a group or no variance in either. The two-group case of welch_contrast_test."""
+    return welch_contrast_test([x, y], (1, -1))
 
 
 def welch_contrast_test(groups, weights):
     """Welch's two-sided test of sum_i w_i mean(group_i) = 0 with unequal variances: t = contrast /
-    sqrt(sum w_i^2 s_i^2 / n_i), Welch-Satterthwaite degrees of freedom; (t, df, p). Two groups
-    with weights (1, -1) give welch_t_test. nan with fewer than 2 values in a group or no variance."""
+    sqrt(sum w_i^2 s_i^2 / n_i), Welch-Satterthwaite degrees of freedom; (t, df, p); with two groups
+    and weights (1, -1), scipy's ttest_ind(equal_var=False). nan with fewer than 2 values in a group
+    or no variance."""
     groups = [np.asarray(g, dtype=np.float64) for g in groups]
     if any(len(g) < 2 for g in groups):
         return float("nan"), float("nan"), float("nan")
