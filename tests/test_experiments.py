@@ -349,6 +349,29 @@ def test_figures_are_written(everything):
     assert all(-1 <= s["spearman"] <= 1 for s in figure4["per_seed"])
 
 
+def test_figure4_judges_the_papers_three_claims(everything):
+    """Gender -> Genre against A's other entries, the rank correlation of genre distance with its
+    masking, and the genres that differ by gender against what chance gives."""
+    figure4 = read(everything, "figure4")
+    names = figure4["factor_names"]
+    g, c = names.index("user.gender"), names.index("item.genres")
+    strength = np.mean([np.abs(np.load(everything / "runs" / f"synthetic-planrec-ui-seed{s}" / "structures.npz")
+                               ["shared_A"]) for s in SEEDS], axis=0)
+    off_diagonal = strength[~np.eye(len(names), dtype=bool)]
+    entry, correlation, genres = figure4["claims"]
+    assert all(claim["table"] == "figure4" for claim in figure4["claims"])
+    assert entry["p"] == pytest.approx(np.sum(off_diagonal >= strength[g, c]) / off_diagonal.size)
+    assert entry["p"] >= 1 / off_diagonal.size                      # the entry counts itself
+    r = float(correlation["ours_text"].split("=")[1])
+    assert -1 <= r <= 1 and 0 <= correlation["p"] <= 1
+    assert correlation["verdict"] == ex.claim_verdict(1.0, r, correlation["p"], True)
+    p_values = list(figure4["genre_p_values"].values())
+    assert figure4["genres_differing"] == sum(p < 0.05 for p in p_values)
+    assert genres["p"] == pytest.approx(stats.binomtest(figure4["genres_differing"], len(p_values), 0.05,
+                                                        alternative="greater").pvalue)
+    assert genres["verdict"] == ex.claim_verdict(1.0, 1.0, genres["p"], False)
+
+
 def test_structure_recovery_reports_the_main_row_at_top_level(everything):
     numbers = read(everything, "structure-recovery-v1")
     rows = {r["row"]: r for r in numbers["rows"]}
