@@ -857,9 +857,14 @@ def table5(setup, runs):
         Row("PlanRec w. u", f"{d}-planrec-u", PAPER["planrec-u"], compare="PlanRec"),
         Row("PlanRec w. i", f"{d}-planrec-i", PAPER["planrec-i"], compare="PlanRec"),
         Row("PlanRec w. ui", f"{d}-planrec-ui", PAPER["planrec-ui"], compare="PlanRec")])
-    attributes = {r: runs.metrics(f"{d}-{k}")[0]["test"].get("attributes", {})
-                  for r, k in (("Base w. ui", "vae-ui"), ("PlanRec w. ui", "planrec-ui"))}
-    lines = [f"- {row}, seed {setup.seeds[0]}: " + "; ".join(
+    def mean_attributes(key):         # how well the tied factors carry their attributes, mean over seeds
+        per_seed = [m["test"].get("attributes", {}) for m in runs.metrics(key)]
+        return {name: {k: float(np.mean([p[name][k] for p in per_seed])) for k in values}
+                for name, values in per_seed[0].items()}
+
+    attributes = {r: mean_attributes(f"{d}-{k}") for r, k in (("Base w. ui", "vae-ui"), ("PlanRec w. ui", "planrec-ui"))}
+    seeds = f"mean over seeds {', '.join(map(str, setup.seeds))}" if len(setup.seeds) > 1 else f"seed {setup.seeds[0]}"
+    lines = [f"- {row}, {seeds}: " + "; ".join(
         f"{name} " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()) for name, values in attrs.items())
         for row, attrs in attributes.items()]
     text = (f"{markdown_table(f'Table 5 ({d}): disentanglement with the attribute prior', rows)}\n\n"

@@ -325,6 +325,11 @@ def test_tables_3_to_8(everything):
     assert table4["n_ood"] + table4["n_iid"] == 40 and table4["real"][2]["n_users"] == table4["n_ood"]
     check_rows(read(everything, "table5")["rows"], ["Base", "Base w. ui", "PlanRec", "PlanRec w. u", "PlanRec w. i",
                                                     "PlanRec w. ui"])
+    attributes = read(everything, "table5")["attributes"]["PlanRec w. ui"]
+    per_seed = [json.loads((everything / "runs" / f"synthetic-planrec-ui-seed{s}" / "metrics.json").read_text())
+                ["test"]["attributes"] for s in SEEDS]
+    assert attributes and all(attributes[name][k] == pytest.approx(np.mean([p[name][k] for p in per_seed]))
+                              for name in attributes for k in attributes[name])
     check_rows(read(everything, "table6")["rows"], ["PlanRec", "w/o u2i", "w/o u2u & i2i"])
     check_rows(read(everything, "table7")["components"], ["VAE", "+SSL", "+PSL", "+Uncer"])
     regularizers = read(everything, "table8")["regularizers"]
