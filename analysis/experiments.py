@@ -1129,7 +1129,7 @@ def figure4(setup, runs):
     right.scatter(distance, masking0, s=4, alpha=0.3, label=f"users (n = {len(distance)})")
     right.set(xlabel="JS divergence of the user's genres from their gender's (bits)",
               ylabel="masking probability of Gender -> Genre (0-1)",
-              title=f"Spearman r = {per_seed[0]['spearman']:.3f} (p = {fmt_p(per_seed[0]['p'])})")
+              title=f"seed {setup.seeds[0]}: Spearman r = {per_seed[0]['spearman']:.3f} (p = {fmt_p(per_seed[0]['p'])})")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(genres_path, dpi=110)
