@@ -1066,11 +1066,12 @@ def figure4(setup, runs):
     pooled = datalib.genre_counts(data.item_seq, data.user_offsets, data.item_attrs["genres"])
     by_gender = datalib.normalize_rows(np.stack([pooled[gender == k].sum(0) for k in (0, 1)]))
     distance = datalib.js_divergence(user_genres, by_gender[gender])           # our choice of distance
-    per_seed = []
+    per_seed, maskings = [], []
     for seed, s in zip(setup.seeds, structures):
         if not np.array_equal(s["user_ids"], data.raw_user_ids):
             sys.exit("error: figure4: the exported structures hold other users than the dataset")
         masking = 1.0 - s["keep_prob_A"][:, g, c]                       # the paper's masking probability
+        maskings.append(masking)
         r, p = correlation(distance, masking, rank=True)
         per_seed.append({"seed": seed, "spearman": r, "p": p, "shared_A_gender_genres": float(s["shared_A"][g, c]),
                          "masking_mean": float(masking.mean())})
@@ -1080,7 +1081,7 @@ def figure4(setup, runs):
     genre_names = data.attr_vocab.get("genres", [str(j) for j in range(user_genres.shape[1])])
 
     s0 = structures[0]
-    masking0 = 1.0 - s0["keep_prob_A"][:, g, c]
+    masking0 = maskings[0]
     chosen = []                      # per gender the users with the lowest and the highest masking probability
     for k in (1, 0):
         members = np.flatnonzero(gender == k)
@@ -1161,7 +1162,7 @@ def figure4(setup, runs):
     strength, gc_strength = mean_strength[~np.eye(len(names), dtype=bool)], float(mean_strength[g, c])
     rank = int(np.sum(strength >= gc_strength))
     p_rank = rank / len(strength)
-    r, p_r = correlation(distance, np.mean([1.0 - s["keep_prob_A"][:, g, c] for s in structures], axis=0), rank=True)
+    r, p_r = correlation(distance, np.mean(maskings, axis=0), rank=True)
     p_genres = float(stats.binomtest(n_differ, len(genre_tests), 0.05, alternative="greater").pvalue)
     base = {"table": "figure4", "p_seeds": None, "seeds": list(setup.seeds), "budget": runs.budget(key),
             "smoke_test": smoke}
