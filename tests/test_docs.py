@@ -8,6 +8,8 @@ import math
 import re
 from pathlib import Path
 
+import pytest
+
 from analysis import experiments as ex
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,12 +108,18 @@ def assert_rebuilt_as_committed(names, tmp_path, *args, folder=DOCS, budget="ful
             assert close(csv_cells(out / table), csv_cells(folder / table)), table
 
 
-def test_the_reports_in_the_docs_are_rebuilt_from_the_ledger(shared_ml1m, tmp_path, monkeypatch):
+@pytest.fixture
+def shared_ml1m_env(shared_ml1m, tmp_path, monkeypatch):
+    """Reports read the shared ML-1M copy (their popularity baseline and users) and a cache of
+    their own."""
+    monkeypatch.setenv("PLANREC_DATA", str(shared_ml1m.parent))
+    monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
+
+
+def test_the_reports_in_the_docs_are_rebuilt_from_the_ledger(shared_ml1m_env, tmp_path):
     """What docs/EXPERIMENTS.md prints is what `--from-ledger` rebuilds today from ledger/: same
     numbers, same CSVs (ML-1M, the shared copy; the same build by hand took 66 s on a 2-core Intel
     Xeon beside two training runs, at 89c6b09)."""
-    monkeypatch.setenv("PLANREC_DATA", str(shared_ml1m.parent))
-    monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
     assert_rebuilt_as_committed(ML1M_REPORTS, tmp_path, "--synthetic-dir", str(tmp_path / "worlds"))
 
 
@@ -122,21 +130,15 @@ def test_the_synthetic_reports_in_the_docs_are_rebuilt_from_the_ledger(tmp_path,
     assert_rebuilt_as_committed(SYNTHETIC_REPORTS, tmp_path, "--synthetic-dir", str(tmp_path / "worlds"))
 
 
-def test_the_paper_settings_report_is_rebuilt_from_the_ledger(shared_ml1m, tmp_path, monkeypatch):
-    """The one-at-a-time study of the paper's stated settings (converged, seed 0): its committed
-    report is what its 7 records give today."""
-    monkeypatch.setenv("PLANREC_DATA", str(shared_ml1m.parent))
-    monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
-    numbers = report("paper-settings", PAPER_SETTINGS)
-    assert (numbers["budget"], numbers["seeds"]) == ("converged", [0])
-    assert_rebuilt_as_committed(("paper-settings",), tmp_path, folder=PAPER_SETTINGS, budget="converged", seeds=("0",))
-
-
-def test_the_converged_reports_are_rebuilt_from_the_ledger(shared_ml1m, tmp_path, monkeypatch):
-    """Table 2 and Table 7 at the converged budget (`--epochs 100 --patience 3`), 3 seeds: the
-    committed reports are what their 12 records give today."""
-    monkeypatch.setenv("PLANREC_DATA", str(shared_ml1m.parent))
-    monkeypatch.setenv("PLANREC_CACHE", str(tmp_path / "cache"))
-    for name in CONVERGED_REPORTS:
-        assert (report(name, CONVERGED)["budget"], report(name, CONVERGED)["seeds"]) == ("converged", [0, 1, 2]), name
-    assert_rebuilt_as_committed(CONVERGED_REPORTS, tmp_path, folder=CONVERGED, budget="converged")
+@pytest.mark.parametrize("folder, names, seeds", [
+    # The one-at-a-time study of the paper's stated settings: seed 0, 7 records.
+    (PAPER_SETTINGS, ("paper-settings",), [0]),
+    # Table 2 and Table 7 trained until 3 epochs bring no gain: 12 records.
+    (CONVERGED, CONVERGED_REPORTS, [0, 1, 2]),
+], ids=["paper-settings", "table2-table7"])
+def test_the_converged_reports_are_rebuilt_from_the_ledger(shared_ml1m_env, tmp_path, folder, names, seeds):
+    """The converged budget's reports (`--epochs 100 --patience 3`), each in its folder: they say
+    that budget and their seeds, and are what their records give today."""
+    for name in names:
+        assert (report(name, folder)["budget"], report(name, folder)["seeds"]) == ("converged", seeds), name
+    assert_rebuilt_as_committed(names, tmp_path, folder=folder, budget="converged", seeds=tuple(map(str, seeds)))
